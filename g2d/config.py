@@ -1,0 +1,185 @@
+"""Typed parameters: pydantic models mirroring params.yaml, the single source of parameters.
+
+`load_params(path, overrides)` is the only way the rest of g2d gets a config: the YAML file
+and every `--set a.b=value` override are validated by the same models, unknown keys are
+refused, and errors name the dotted key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from g2d.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(Strict):
+    """Folders relative to the project root (absolute paths are allowed too)."""
+
+    sources: str = Field("data", description="fetched source files, tracked by data.dvc")
+    synthcxr: str = Field("datasets/synthcxr", description="rendered SynthCXR (a DVC stage output)")
+    metrics: str = Field("metrics", description="small JSON metrics that DVC tracks")
+
+
+class Tracking(Strict):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; null = sqlite mlflow.db at the project root. "
+        "MLFLOW_TRACKING_URI overrides it."
+    )
+
+
+class SetSize(Strict):
+    count: int = Field(ge=4, description="images to render")
+    positive_fraction: float = Field(0.5, gt=0, lt=1, description="share of images with a finding")
+
+
+class Splits(Strict):
+    """Patient-level split shares and the nested label fractions drawn from train."""
+
+    val: float = Field(0.1, gt=0, lt=0.5)
+    test: float = Field(0.2, gt=0, lt=0.5)
+    fractions: tuple[float, ...] = Field((0.01, 0.1, 1.0), min_length=1)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        for f in v:
+            if not 0 < f <= 1:
+                raise ValueError(f"every fraction must be in (0, 1], got {f}")
+        if list(v) != sorted(set(v)):
+            raise ValueError(f"fractions must be increasing and distinct, got {list(v)}")
+        return v
+
+
+class Synth(Strict):
+    """Rendering of the embedded SynthCXR dataset."""
+
+    seed: int = Field(1234, ge=0)
+    image_size: int = Field(224, ge=32, le=1024)
+    max_reports: int | None = Field(
+        None, ge=8, description="cap on IU reports rendered for pre-training; null = all (~3,900)"
+    )
+    pneumothorax: SetSize = SetSize(count=1000)
+    opacity: SetSize = SetSize(count=1000)
+    splits: Splits = Splits()
+    contact_sheet: int = Field(12, ge=1, le=64, description="examples drawn on the contact sheet")
+    workers: int = Field(0, ge=0, description="render processes; 0 = all cores. Does not change the output")
+
+
+class Params(Strict):
+    seed: int = Field(42, ge=0, description="global seed of training stages")
+    paths: Paths = Paths()
+    tracking: Tracking = Tracking()
+    synth: Synth = Synth()
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model found at `loc` (the parent of an unknown key)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_error(err: dict[str, Any], source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Params, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{source}: unknown key '{key}': {hint}allowed here: {', '.join(allowed)}"
+    value = err.get("input")
+    msg = err["msg"]
+    return f"{source}: {key} = {value!r} is invalid: {msg}"
+
+
+def validate(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = [_format_error(err, source) for err in e.errors()]
+        raise ConfigError("; ".join(lines)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value), the value read as YAML so numbers, bools, null parse."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. synth.image_size=64")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}  # deep copy of plain data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                prefix = ".".join(keys[: i + 1])
+                raise ConfigError(f"--set {text!r}: '{prefix}' is a value, not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (pass --params FILE, e.g. params.tiny.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    source = str(path) + (" with --set overrides" if overrides else "")
+    return validate(raw, source)
+
+
+def resolve_path(root: Path, path: str) -> Path:
+    """A `paths.*` entry made absolute against the project root."""
+    p = Path(path)
+    return p if p.is_absolute() else root / p
+
+
+def to_dict(params: BaseModel) -> dict[str, Any]:
+    """Plain, YAML-safe dict of the effective config (tuples become lists)."""
+    return params.model_dump(mode="json")
+
+
+def dump_yaml(params: BaseModel, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(params), sort_keys=False))
+    return path

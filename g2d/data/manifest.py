@@ -1,0 +1,303 @@
+"""The one place that knows the manifest schema (../shared/DESIGN.md, "Manifests").
+
+A dataset is a folder holding `manifest.csv` (one row per image), the files it points at, and
+`dataset.json` (counts and hashes). CSV rather than Parquet: the bytes are deterministic and a
+human can diff two versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from g2d.errors import ManifestError
+
+MANIFEST = "manifest.csv"
+DATASET_INFO = "dataset.json"
+SPLITS = ("train", "val", "test")
+# Known columns in their canonical order; any other column is a label column (1 / 0 / -1 / empty).
+CORE_COLUMNS = ("id", "image", "patient_id", "study_id", "split", "report", "mask", "boxes", "findings",
+                "source_id")
+TEXT_COLUMNS = set(CORE_COLUMNS)
+REQUIRED = ("id", "image")
+LABEL_VALUES = {1, 0, -1}
+
+
+def label_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c not in TEXT_COLUMNS]
+
+
+def write_manifest(rows: list[dict[str, Any]] | pd.DataFrame, folder: Path) -> Path:
+    """Write `folder/manifest.csv` with columns in canonical order (byte-deterministic)."""
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{folder / MANIFEST}: rows lack required columns {missing}")
+    df = df.copy()
+    for col in ("boxes", "findings"):
+        if col in df.columns:
+            df[col] = [v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for v in df[col]]
+    ordered = [c for c in CORE_COLUMNS if c in df.columns] + sorted(label_columns(df))
+    for col in label_columns(df):
+        df[col] = df[col].astype("Int8")
+    path = folder / MANIFEST
+    folder.mkdir(parents=True, exist_ok=True)
+    df[ordered].to_csv(path, index=False, lineterminator="\n")
+    return path
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read a manifest (the file, or the dataset folder holding it). Only the schema is checked
+    here; `validate` checks the files it points at."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest here; render one with `g2d data synth` or import a dataset")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise ManifestError(f"{path}: not a readable CSV manifest ({e})") from None
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{path}: missing required column(s) {missing}; columns are {list(df.columns)}")
+    for col in label_columns(df):
+        raw = df[col].str.strip()
+        values = pd.to_numeric(raw.replace("", np.nan), errors="coerce")
+        bad = df.index[raw.ne("") & ~values.isin(list(LABEL_VALUES))]
+        if len(bad):
+            raise ManifestError(
+                f"{path}: label column '{col}' must hold 1, 0, -1 or empty; rows {_rows(bad)} hold "
+                f"{sorted(set(df.loc[bad, col]))[:5]}"
+            )
+        df[col] = values.astype("Int8")
+    return df
+
+
+def _rows(index: Iterable[int], limit: int = 10) -> str:
+    """Data rows as the line numbers a user sees in the CSV (header is line 1)."""
+    idx = [int(i) + 2 for i in index]
+    shown = ", ".join(map(str, idx[:limit]))
+    return shown + (f" (+{len(idx) - limit} more)" if len(idx) > limit else "")
+
+
+def resolve(folder: Path, rel: str, where: str) -> Path:
+    """Path of a file named in a manifest, refusing paths that leave the dataset folder."""
+    p = PurePosixPath(rel)
+    if not rel or p.is_absolute() or rel.startswith(("/", "\\")) or ".." in p.parts or ":" in p.parts[0]:
+        raise ManifestError(f"{where}: path {rel!r} must be relative to the dataset folder, without '..'")
+    return folder / p
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return sha256_bytes(path.read_bytes())
+
+
+def referenced_files(df: pd.DataFrame) -> list[str]:
+    files = list(df["image"])
+    if "mask" in df.columns:
+        files += [m for m in df["mask"] if m]
+    if "findings" in df.columns:
+        for cell in df["findings"]:
+            files += [f["mask"] for f in json.loads(cell or "[]") if f.get("mask")]
+    return sorted(set(files))
+
+
+def dataset_hash(folder: Path, progress: Callable[[int], None] | None = None) -> str:
+    """SHA-256 over the manifest and every file it references (name + content), so any change
+    to a row, an image or a mask changes the hash."""
+    df = read_manifest(folder)
+    h = hashlib.sha256((folder / MANIFEST).read_bytes())
+    for rel in referenced_files(df):
+        path = resolve(folder, rel, f"{folder / MANIFEST}")
+        h.update(rel.encode() + b"\0" + file_sha256(path).encode())
+        if progress:
+            progress(1)
+    return h.hexdigest()
+
+
+def read_info(folder: Path) -> dict[str, Any]:
+    path = folder / DATASET_INFO
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def write_info(folder: Path, info: dict[str, Any]) -> Path:
+    path = folder / DATASET_INFO
+    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclass
+class Problem:
+    check: str
+    message: str
+    rows: list[int] = field(default_factory=list)  # CSV line numbers
+
+    def __str__(self) -> str:
+        where = f" (rows {_rows([r - 2 for r in self.rows])})" if self.rows else ""
+        return f"{self.check}: {len(self.rows) or 1} x {self.message}{where}"
+
+
+@dataclass
+class ValidationReport:
+    manifest: Path
+    rows: int
+    problems: list[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.problems:
+            out[p.check] = out.get(p.check, 0) + max(len(p.rows), 1)
+        return out
+
+
+def _load_image(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        im.load()
+        return np.asarray(im)
+
+
+def validate(folder: Path, progress: Callable[[int], None] | None = None) -> ValidationReport:
+    """Check a dataset folder. Every problem lists the offending rows and how many there are."""
+    folder = Path(folder)
+    if folder.is_file():
+        folder = folder.parent
+    df = read_manifest(folder)
+    manifest = folder / MANIFEST
+    found: dict[tuple[str, str], list[int]] = {}
+
+    def add(check: str, message: str, i: int) -> None:
+        found.setdefault((check, message), []).append(int(i) + 2)
+
+    for col, check in (("id", "duplicate id"), ("image", "duplicate image")):
+        for i in df.index[df[col].duplicated(keep="first")]:
+            add("duplicate rows", f"{col} {df.at[i, col]!r} appears more than once", i)
+    if "split" in df.columns:
+        for i in df.index[~df["split"].isin(SPLITS)]:
+            add("bad split", f"split must be one of {', '.join(SPLITS)}", i)
+        if "patient_id" in df.columns:
+            per_patient = df.groupby("patient_id")["split"].nunique()
+            leaking = set(per_patient.index[per_patient > 1])
+            for i in df.index[df["patient_id"].isin(leaking)]:
+                add("patient in two splits", f"patient {df.at[i, 'patient_id']!r} is in "
+                    f"{sorted(set(df.loc[df.patient_id == df.at[i, 'patient_id'], 'split']))}", i)
+    if "report" in df.columns:
+        for i in df.index[df["report"].fillna("").str.strip() == ""]:
+            add("empty report", "report text is empty", i)
+
+    for i, row in df.iterrows():
+        size = _check_image(folder, row, i, add)
+        masks = [("mask", row["mask"])] if "mask" in df.columns and row.get("mask") else []
+        boxes = _parse_json(row, "boxes", i, add)
+        for k, f in enumerate(_parse_json(row, "findings", i, add)):
+            if not isinstance(f, dict):
+                add("bad findings", "findings must be a JSON list of objects", i)
+                continue
+            if f.get("mask"):
+                masks.append((f"findings[{k}].mask", f["mask"]))
+            if "box" in f:
+                boxes.append(f["box"])
+        for what, rel in masks:
+            _check_mask(folder, rel, what, size, i, add)
+        for box in boxes:
+            _check_box(box, size, i, add)
+        if progress:
+            progress(1)
+
+    problems = [Problem(check, msg, rows) for (check, msg), rows in found.items()]
+    problems.sort(key=lambda p: (p.check, p.rows[:1]))
+    return ValidationReport(manifest, len(df), problems)
+
+
+def _check_image(folder: Path, row: pd.Series, i: int, add) -> tuple[int, int] | None:
+    try:
+        path = resolve(folder, row["image"], "image")
+    except ManifestError:
+        add("path leaves the dataset", "image path is absolute or contains '..'", i)
+        return None
+    if not path.is_file():
+        add("missing file", "image file does not exist", i)
+        return None
+    try:
+        arr = _load_image(path)
+    except Exception as e:  # PIL raises many types for corrupt files
+        add("undecodable image", f"image cannot be decoded ({type(e).__name__})", i)
+        return None
+    if arr.size == 0:
+        add("undecodable image", "image has no pixels", i)
+        return None
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        add("non-finite pixels", "image holds NaN or inf pixels", i)
+    return arr.shape[1], arr.shape[0]  # (width, height)
+
+
+def _check_mask(folder: Path, rel: str, what: str, size, i: int, add) -> None:
+    try:
+        path = resolve(folder, rel, what)
+    except ManifestError:
+        add("path leaves the dataset", f"{what} path is absolute or contains '..'", i)
+        return
+    if not path.is_file():
+        add("missing file", f"{what} file does not exist", i)
+        return
+    try:
+        arr = _load_image(path)
+    except Exception as e:
+        add("undecodable image", f"{what} cannot be decoded ({type(e).__name__})", i)
+        return
+    values = set(np.unique(arr).tolist())
+    if not (values <= {0, 1} or values <= {0, 255} or values <= {False, True}):
+        add("mask not binary", f"{what} holds values other than 0 and 1 / 255", i)
+    if size is not None and (arr.shape[1], arr.shape[0]) != size:
+        add("mask size", f"{what} is not the size of its image", i)
+
+
+def _parse_json(row: pd.Series, col: str, i: int, add) -> list:
+    cell = row.get(col)
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)) or cell == "":
+        return []
+    try:
+        value = json.loads(cell)
+    except json.JSONDecodeError:
+        add(f"bad {col}", f"{col} is not valid JSON", i)
+        return []
+    if not isinstance(value, list):
+        add(f"bad {col}", f"{col} must be a JSON list", i)
+        return []
+    return list(value)
+
+
+def _check_box(box, size, i: int, add) -> None:
+    if not (isinstance(box, list) and len(box) >= 4 and all(isinstance(v, int | float) for v in box[:4])):
+        add("bad boxes", "a box must be [x0, y0, x1, y1, label]", i)
+        return
+    x0, y0, x1, y1 = box[:4]
+    if not (x0 < x1 and y0 < y1):
+        add("bad boxes", "a box needs x0 < x1 and y0 < y1", i)
+    elif size is not None and (x0 < 0 or y0 < 0 or x1 > size[0] or y1 > size[1]):
+        add("box outside the image", "a box lies outside the image", i)
