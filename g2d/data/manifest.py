@@ -48,7 +48,7 @@ def write_manifest(rows: list[dict[str, Any]] | pd.DataFrame, folder: Path) -> P
             df[col] = [v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for v in df[col]]
     ordered = [c for c in CORE_COLUMNS if c in df.columns] + sorted(label_columns(df))
     for col in label_columns(df):
-        df[col] = df[col].astype("Int8")
+        df[col] = pd.to_numeric(df[col].replace("", np.nan)).astype("Int8")
     path = folder / MANIFEST
     folder.mkdir(parents=True, exist_ok=True)
     df[ordered].to_csv(path, index=False, lineterminator="\n")
