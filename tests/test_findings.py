@@ -50,3 +50,4 @@ def test_labels_describe_the_drawn_kinds():
     assert labels["normal"] == 0 and labels["effusion"] == 0
     assert fnd.labels_for([]) == {"normal": 1, **{c: 0 for c in fnd.LABELS}}
     assert tuple(labels) == fnd.LABEL_COLUMNS
+    assert fnd.labels_for(["scar"])["normal"] == 0

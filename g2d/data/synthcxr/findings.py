@@ -60,7 +60,7 @@ LABELS: dict[str, tuple[str, ...]] = {
     "edema": ("edema",),
     "device": ("device",),
 }
-LABEL_COLUMNS = ("normal", *LABELS)  # normal = none of the other labels is drawn
+LABEL_COLUMNS = ("normal", *LABELS)  # normal = nothing drawn at all
 
 ZONES = {
     "upper lobe": "upper", "apex": "upper", "apices": "upper",
@@ -151,7 +151,8 @@ def findings_for(mesh: tuple[str, ...], rng: np.random.Generator) -> tuple[list[
 
 
 def labels_for(kinds: list[str] | set[str]) -> dict[str, int]:
-    """Label columns (1 / 0) from the kinds actually drawn, so labels describe the image."""
+    """Label columns (1 / 0) from the kinds actually drawn, so labels describe the image; an
+    image with any drawn finding (a scar too) is not normal."""
     kinds = set(kinds)
     labels = {col: int(any(k in kinds for k in ks)) for col, ks in LABELS.items()}
-    return {"normal": int(not any(labels.values())), **labels}
+    return {"normal": int(not kinds), **labels}

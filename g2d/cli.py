@@ -1,0 +1,221 @@
+"""The `g2d` command line. Each command parses its options, builds a validated config and calls one
+library function; a G2DError becomes one line on stderr and exit code 1 (`--debug` shows the
+traceback)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from g2d import __version__
+from g2d.errors import G2DError
+
+app = typer.Typer(help="G2D pre-training of chest X-ray encoders, tracked with DVC and MLflow.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Fetch, render, validate and describe datasets.", no_args_is_help=True)
+models_app = typer.Typer(help="Registered models in the MLflow model registry.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+_state = {"debug": False}
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="parameters file", show_default=True)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a parameter: KEY=VALUE (repeatable)")]
+
+
+def handles_errors(fn):
+    """Turn library errors into one line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except G2DError as e:
+            if _state["debug"]:
+                raise
+            typer.echo(f"g2d: error: {e}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"g2d {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _params(path: Path, overrides: list[str] | None):
+    from g2d.config import load_params
+
+    return load_params(path, overrides or [])
+
+
+# ---------------------------------------------------------------- data
+
+
+@data_app.command("fetch")
+@handles_errors
+def data_fetch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Copy the embedded source files out of torchxrayvision into paths.sources (SHA-256 checked)."""
+    from g2d import tracking
+    from g2d.config import resolve_path
+    from g2d.data.sources import embedded
+
+    cfg = _params(params, set_)
+    dest = resolve_path(tracking.project_root(), cfg.paths.sources)
+    for source, path, copied in embedded.fetch(dest):
+        typer.echo(f"{'copied' if copied else 'up to date'}  {path}  sha256:{source.sha256[:12]}  ({source.what})")
+
+
+@data_app.command("synth")
+@handles_errors
+def data_synth(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Render the embedded SynthCXR dataset (the `synth` DVC stage)."""
+    from g2d.pipeline import synth
+    from g2d.progress import rich_progress
+
+    cfg = _params(params, set_)
+    with rich_progress() as reporter:
+        outcome = synth.run(cfg, reporter)
+    for name, info in outcome.metrics["sets"].items():
+        typer.echo(f"{name:13s} {info['rows']:5d} rows  {info['splits']}  sha256:{info['sha256'][:12]}")
+    dropped = {k: v for k, v in outcome.metrics["dropped"].items() if v}
+    for reason, n in dropped.items():
+        typer.echo(f"dropped {n}: {reason}")
+    typer.echo(f"data hash {outcome.data_hash[:16]}  in {outcome.metrics['render_seconds']} s  "
+               f"-> {outcome.out}  (MLflow run {outcome.run_id})")
+
+
+@data_app.command("validate")
+@handles_errors
+def data_validate(path: Annotated[Path, typer.Argument(help="dataset folder or its manifest.csv")]) -> None:
+    """Check a dataset: files exist and decode, masks binary and image-sized, boxes inside, splits
+    by patient, reports not empty, no duplicates. Exits 1 if anything is wrong."""
+    from g2d.data import manifest as mf
+    from g2d.progress import rich_progress
+
+    df = mf.read_manifest(path)
+    with rich_progress() as reporter:
+        report = mf.validate(path, reporter.task(f"validate {path}", len(df)))
+    if report.ok:
+        typer.echo(f"{report.manifest}: {report.rows} rows, no problems")
+        return
+    for problem in report.problems:
+        typer.echo(str(problem))
+    summary = ", ".join(f"{n} {check}" for check, n in report.counts().items())
+    typer.echo(f"g2d: error: {report.manifest}: {summary}", err=True)
+    raise typer.Exit(1)
+
+
+@data_app.command("info")
+@handles_errors
+def data_info(path: Annotated[Path, typer.Argument(help="dataset folder or its manifest.csv")],
+              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Counts, splits, label prevalence, fractions and hashes of a dataset."""
+    from g2d.data import manifest as mf
+
+    folder = path.parent if path.is_file() else path
+    df = mf.read_manifest(folder)
+    recorded = mf.read_info(folder)
+    info = {
+        "manifest": str(folder / mf.MANIFEST),
+        "rows": len(df),
+        "patients": int(df["patient_id"].nunique()) if "patient_id" in df else None,
+        "splits": df["split"].value_counts().reindex(mf.SPLITS, fill_value=0).to_dict() if "split" in df else {},
+        "prevalence": {c: round(float(df[c].fillna(0).eq(1).mean()), 4) for c in mf.label_columns(df)},
+        "fractions": recorded.get("fractions", {}),
+        "sha256": mf.dataset_hash(folder),
+    }
+    if recorded.get("sha256") and recorded["sha256"] != info["sha256"]:
+        info["warning"] = "content differs from the hash recorded in dataset.json"
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"{info['manifest']}\n  rows {info['rows']}, patients {info['patients']}")
+    typer.echo("  splits " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+    if info["prevalence"]:
+        typer.echo("  prevalence " + ", ".join(f"{k} {v:.1%}" for k, v in info["prevalence"].items()))
+    for frac, f in info["fractions"].items():
+        typer.echo(f"  fraction {frac}: {f['rows']} rows  {f['file']}  sha256:{f['sha256'][:12]}")
+    typer.echo(f"  sha256 {info['sha256']}")
+    if "warning" in info:
+        typer.echo(f"  warning: {info['warning']}", err=True)
+
+
+# ---------------------------------------------------------------- models
+
+
+@models_app.command("list")
+@handles_errors
+def models_list(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Registered models with their versions and aliases."""
+    from g2d import tracking
+
+    rows = tracking.list_models(uri=_tracking_uri(params, set_))
+    if not rows:
+        typer.echo("no registered models")
+    for row in rows:
+        aliases = ", ".join(f"@{a} -> v{v}" for a, v in row["aliases"].items()) or "no aliases"
+        typer.echo(f"{row['name']}  versions {row['versions']}  {aliases}  updated {row['last_updated']}")
+
+
+@models_app.command("pull")
+@handles_errors
+def models_pull(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS, NAME/VERSION or NAME/latest")],
+    out: Annotated[Path, typer.Option("--out", help="folder to download into")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Download a registered model's files (safetensors weights + model card)."""
+    from g2d import tracking
+
+    folder = tracking.pull_model(ref, out, uri=_tracking_uri(params, set_))
+    typer.echo(str(folder))
+
+
+@models_app.command("promote")
+@handles_errors
+def models_promote(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[int, typer.Argument(help="version number")],
+    alias: Annotated[str, typer.Option("--alias", help="alias to point at this version, e.g. champion")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Point an alias at a version (aliases, not the deprecated stages)."""
+    from g2d import tracking
+
+    tracking.promote(name, version, alias, uri=_tracking_uri(params, set_))
+    typer.echo(f"{name}@{alias} -> version {version}")
+
+
+def _tracking_uri(params: Path, overrides: list[str] | None) -> str | None:
+    """The configured store; a missing default params.yaml is fine here (env / default apply)."""
+    if not params.exists() and params == Path("params.yaml") and not overrides:
+        return None
+    return _params(params, overrides).tracking.uri
+
+
+def main() -> None:
+    """Console entry point."""
+    app(prog_name="g2d")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Fixtures shared by all g2d tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Environment that changes where g2d tracks or how it names runs; cleared for every test that
+# uses a project so a developer's shell (or a `dvc exp run`) cannot leak into the results.
+_TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME")
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow SQLite store, built once per session.
+
+    Creating a store runs MLflow's Alembic migrations (seconds); copying the file is instant."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    uri = f"sqlite:///{path.as_posix()}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.search_experiments()  # migrates the tracking tables
+    client.search_registered_models()  # and the registry's
+    return path
+
+
+@pytest.fixture
+def project_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh project folder (holding an empty dvc.yaml) as the cwd, so `project_root()`
+    resolves to it and nothing is written into the real checkout."""
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "dvc.yaml").write_text("")
+    for var in _TRACKING_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(root)
+    return root
+
+
+@pytest.fixture
+def mlflow_uri(project_dir: Path, mlflow_template_db: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A private MLflow store for this test (a copy of the template at
+    `<project>/mlflow.db`), exported as MLFLOW_TRACKING_URI."""
+    db = project_dir / "mlflow.db"
+    shutil.copyfile(mlflow_template_db, db)
+    uri = f"sqlite:///{db.as_posix()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

@@ -1,0 +1,454 @@
+"""g2d.tracking against real MLflow stores: a private SQLite copy per test, and one live server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from g2d import tracking
+from g2d.errors import RegistryError, TrackingError
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _save_tiny_model(folder: Path, seed: int) -> dict:
+    """A real (tiny) torch model as safetensors + a model card: what stages register."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    state = {k: v.contiguous() for k, v in torch.nn.Linear(4, 2).state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "model_card.json").write_text(json.dumps({"arch": "linear", "seed": seed}))
+    return state
+
+
+def _assert_same_tensors(folder: Path, expected: dict) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(folder / "model.safetensors"))
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def test_default_uri_is_absolute_sqlite_at_project_root(project_dir: Path) -> None:
+    expected = f"sqlite:///{project_dir.resolve().as_posix()}/mlflow.db"
+    assert tracking.tracking_uri() == expected
+    sub = project_dir / "stages" / "deep"
+    sub.mkdir(parents=True)
+    os.chdir(sub)  # DVC may run a stage in a sub-folder; the store stays at the root
+    assert tracking.project_root() == project_dir.resolve()
+    assert tracking.tracking_uri() == expected
+    assert (
+        tracking.tracking_uri("sqlite:///runs/x.db")
+        == f"sqlite:///{project_dir.resolve().as_posix()}/runs/x.db"
+    )
+
+
+def test_env_uri_overrides_configured(project_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tracking.tracking_uri("http://example:5000") == "http://example:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1234")
+    assert tracking.tracking_uri("http://example:5000") == "http://127.0.0.1:1234"
+    assert tracking.tracking_uri() == "http://127.0.0.1:1234"
+
+
+def test_dvc_root_wins_over_cwd(project_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.project_root() == tmp_path.resolve()
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow.db"
+
+
+def test_missing_sqlite_folder_is_named(project_dir: Path) -> None:
+    with pytest.raises(TrackingError, match="nowhere/sub.*does not exist"):
+        tracking.check_reachable(f"sqlite:///{project_dir}/nowhere/sub/m.db")
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_run_records_provenance_params_and_config(mlflow_uri: str, project_dir: Path, monkeypatch) -> None:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=project_dir, check=True)
+    subprocess.run([*git, "add", "dvc.yaml"], cwd=project_dir, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], cwd=project_dir, check=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project_dir, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    monkeypatch.setenv("DVC_STAGE", "pretrain@0")
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-lark")
+    model = {"dim": 128, "layers": [1, 2, 3], "opts": {}}
+    config = {"model": model, "seed": 7, "path": Path("x"), "long": "y" * 7000}
+
+    with tracking.start_run("pretrain", config=config, data_hash="d" * 64, tags={"extra": 1}) as run:
+        run.log_metrics({"loss": 1.5, "acc": 0.25}, step=3)
+        run.log_metric("loss", 1.0, step=4)
+        run.set_tag("note", "hello")
+    assert run.experiment_name == "g2d-pretrain"
+
+    client = _client(mlflow_uri)
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED"
+    assert got.info.run_name == "lucid-lark"  # DVC_EXP_NAME beats DVC_STAGE
+    tags = got.data.tags
+    assert tags["g2d.job"] == "pretrain"
+    assert tags["g2d.git_commit"] == commit == tags["mlflow.source.git.commit"]
+    assert tags["g2d.git_dirty"] == "false"
+    assert tags["g2d.dvc_stage"] == "pretrain@0"
+    assert tags["g2d.dvc_exp"] == "lucid-lark"
+    assert tags["g2d.data_hash"] == "d" * 64
+    assert tags["extra"] == "1" and tags["note"] == "hello"
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"]
+    params = got.data.params
+    assert params["model.dim"] == "128"
+    assert params["model.layers"] == "[1, 2, 3]"
+    assert params["model.opts"] == "{}"
+    assert params["seed"] == "7" and params["path"] == "x"
+    assert len(params["long"]) == 6000
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "loss")] == [(3, 1.5), (4, 1.0)]
+
+    exp = client.get_experiment_by_name("g2d-pretrain")
+    assert exp.artifact_location == (project_dir.resolve() / "mlartifacts" / "g2d-pretrain").as_uri()
+    local = Path(client.download_artifacts(run.run_id, "config.yaml", str(project_dir / "dl")))
+    assert yaml.safe_load(local.read_text())["model"] == model
+
+
+def test_run_name_from_stage_or_timestamp(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with tracking.start_run("data", config={}) as plain:
+        pass
+    monkeypatch.setenv("DVC_STAGE", "render")
+    with tracking.start_run("data", config={}) as staged:
+        pass
+    client = _client(mlflow_uri)
+    assert client.get_run(plain.run_id).info.run_name.startswith("data-")
+    assert client.get_run(plain.run_id).data.tags["g2d.git_commit"] == "unknown"  # not a git repo
+    assert client.get_run(staged.run_id).info.run_name == "render"
+
+
+def test_failing_body_ends_failed_and_reraises(mlflow_uri: str) -> None:
+    with pytest.raises(ValueError, match="boom"):
+        with tracking.start_run("data", config={"a": 1}) as run:
+            raise ValueError("boom")
+    assert _client(mlflow_uri).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_keyboard_interrupt_ends_killed(mlflow_uri: str) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run("data", config={}) as run:
+            raise KeyboardInterrupt
+    assert _client(mlflow_uri).get_run(run.run_id).info.status == "KILLED"
+
+
+def test_sigterm_ends_killed_and_restores_handler(mlflow_uri: str) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(tracking.Terminated):
+        with tracking.start_run("data", config={}) as run:
+            assert signal.getsignal(signal.SIGTERM) is not before
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises long before this ends
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert _client(mlflow_uri).get_run(run.run_id).info.status == "KILLED"
+
+
+def test_sigterm_while_closing_is_delivered_after(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM that lands while the run is being closed must not leave it RUNNING: it is held
+    back, the run is closed, and the signal then reaches the handler that was there before."""
+    received = []
+    real_terminate = tracking._terminate
+
+    def terminate_under_fire(client, run_id, status):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_terminate(client, run_id, status)
+
+    monkeypatch.setattr(tracking, "_terminate", terminate_under_fire)
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with tracking.start_run("data", config={}) as run:
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert received == [signal.SIGTERM]
+    assert _client(mlflow_uri).get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_dataset_input_keeps_our_digest(mlflow_uri: str) -> None:
+    digest = "ab" * 32  # a sha256: longer than MLflow's 36-character digest column
+    with tracking.start_run("data", config={}) as run:
+        run.log_dataset(
+            "synthcxr-pretrain",
+            source="data/synthcxr/pretrain.parquet",
+            digest=digest,
+            context="train",
+            schema={"image": "string", "report": "string"},
+            profile={"rows": 12},
+        )
+    inputs = _client(mlflow_uri).get_run(run.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    ds = inputs[0].dataset
+    assert ds.name == "synthcxr-pretrain"
+    assert ds.digest == digest[:36]
+    assert json.loads(ds.source) == {"uri": "data/synthcxr/pretrain.parquet"}
+    assert json.loads(ds.profile) == {"rows": 12}
+    assert "image" in ds.schema
+    tags = {t.key: t.value for t in inputs[0].tags}
+    assert tags == {"mlflow.data.context": "train", "g2d.digest": digest}
+
+
+def test_artifacts_dicts_and_images(mlflow_uri: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    png = tmp_path / "overlay.png"
+    Image.new("L", (8, 8), 128).save(png)
+    report = tmp_path / "report.md"
+    report.write_text("# hi")
+    with tracking.start_run("eval", config={}) as run:
+        run.log_artifact(report)
+        run.log_artifact(report, "reports")
+        run.log_dict({"dice": 0.5}, "metrics/summary.json")
+        run.log_image(png)
+        run.log_figure(png, "plots/overlay.png")
+        run.log_image(png, key="pseudo_mask", step=2)
+        with pytest.raises(TrackingError, match="nope.png"):
+            run.log_image(tmp_path / "nope.png")
+    client = _client(mlflow_uri)
+
+    def paths(folder: str | None = None) -> set[str]:
+        return {f.path for f in client.list_artifacts(run.run_id, folder)}
+
+    assert {"config.yaml", "report.md", "reports", "metrics", "images", "plots"} <= paths()
+    assert paths("images") >= {"images/overlay.png"}
+    assert paths("plots") == {"plots/overlay.png"}
+    assert paths("metrics") == {"metrics/summary.json"}
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@pytest.fixture
+def registered(mlflow_uri: str, tmp_path: Path) -> dict:
+    """Model 'enc' with versions 1 (alias champion) and 2, each a distinct tiny safetensors model."""
+    states = {}
+    with tracking.start_run("pretrain", config={}, data_hash="h1") as run:
+        states[1] = _save_tiny_model(tmp_path / "m1", seed=1)
+        assert tracking.register_model_dir(run, tmp_path / "m1", "enc", aliases=["champion"]) == 1
+    with tracking.start_run("pretrain", config={}) as run:
+        states[2] = _save_tiny_model(tmp_path / "m2", seed=2)
+        assert tracking.register_model_dir(run, tmp_path / "m2", "enc") == 2
+    return states
+
+
+def test_register_list_pull_round_trip(registered: dict, mlflow_uri: str, tmp_path: Path) -> None:
+    [row] = tracking.list_models()
+    assert row["name"] == "enc"
+    assert row["latest_version"] == 2 and row["versions"] == [1, 2]
+    assert row["aliases"] == {"champion": 1}
+    assert row["last_updated"]
+
+    cases = {"enc@champion": 1, "enc/1": 1, "enc/2": 2, "enc/latest": 2, "enc": 2, "models:/enc@champion": 1}
+    for i, (ref, version) in enumerate(cases.items()):
+        folder = tracking.pull_model(ref, tmp_path / f"pull{i}")
+        assert (folder / "model_card.json").is_file(), ref
+        assert json.loads((folder / "model_card.json").read_text())["seed"] == version, ref
+        _assert_same_tensors(folder, registered[version])
+
+    mv = _client(mlflow_uri).get_model_version("enc", "1")
+    assert mv.tags["g2d.data_hash"] == "h1" and mv.tags["g2d.job"] == "pretrain"
+    info = tracking.resolve_model("enc@champion")
+    assert (info.version, info.aliases) == (1, ("champion",))
+
+
+def test_promote_moves_alias(registered: dict) -> None:
+    tracking.promote("enc", 2, "champion")
+    assert tracking.resolve_model("enc@champion").version == 2
+    with pytest.raises(RegistryError, match=r"model 'enc' has no version 9; aliases: champion->2"):
+        tracking.promote("enc", 9, "champion")
+
+
+def test_missing_model_alias_version_are_named(registered: dict, tmp_path: Path) -> None:
+    missing = r"no registered model 'nope' in sqlite:///.*; registered models: enc"
+    with pytest.raises(RegistryError, match=missing):
+        tracking.pull_model("nope@champion", tmp_path / "x")
+    with pytest.raises(RegistryError) as err:
+        tracking.pull_model("enc@staging", tmp_path / "x")
+    assert str(err.value) == (
+        "model 'enc' has no alias 'staging'; aliases: champion->1, latest->2 (newest version, not an alias); "
+        "versions: 1, 2"
+    )
+    with pytest.raises(RegistryError, match=r"model 'enc' has no version 5; .*versions: 1, 2"):
+        tracking.pull_model("enc/5", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_models_yet_is_explained(mlflow_uri: str, tmp_path: Path) -> None:
+    assert tracking.list_models() == []
+    with pytest.raises(RegistryError, match="registered models: none yet"):
+        tracking.pull_model("enc", tmp_path / "x")
+
+
+def test_latest_alias_is_refused(registered: dict, tmp_path: Path, mlflow_uri: str) -> None:
+    with pytest.raises(RegistryError, match="alias 'latest' is reserved.*models:/NAME/latest"):
+        tracking.promote("enc", 1, "latest")
+    with tracking.start_run("pretrain", config={}) as run:
+        _save_tiny_model(tmp_path / "m3", seed=3)
+        with pytest.raises(RegistryError, match="alias 'Latest' is reserved"):
+            tracking.register_model_dir(run, tmp_path / "m3", "enc", aliases=["Latest"])
+        with pytest.raises(RegistryError, match="empty.*is not a folder with files"):
+            tracking.register_model_dir(run, tmp_path / "empty", "enc")
+    assert tracking.list_models()[0]["versions"] == [1, 2]  # nothing was registered
+    with pytest.raises(RegistryError, match="'latest' is not an alias; write enc/latest"):
+        tracking.parse_model_ref("enc@latest")
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        ("enc", tracking.ModelRef("enc")),
+        ("enc/latest", tracking.ModelRef("enc")),
+        ("enc/3", tracking.ModelRef("enc", version=3)),
+        ("enc@champion", tracking.ModelRef("enc", alias="champion")),
+        ("models:/enc@champion", tracking.ModelRef("enc", alias="champion")),
+        ("models:/enc/latest", tracking.ModelRef("enc")),
+        (" g2d-resnet50.v1/12 ", tracking.ModelRef("g2d-resnet50.v1", version=12)),
+    ],
+)
+def test_parse_model_ref(ref: str, expected: tracking.ModelRef) -> None:
+    assert tracking.parse_model_ref(ref) == expected
+
+
+@pytest.mark.parametrize(
+    "ref", ["", "@champion", "enc@", "enc/", "enc/0", "enc/v2", "enc/1/model", "models://h/enc", "a:b"]
+)
+def test_parse_model_ref_rejects_bad_forms(ref: str) -> None:
+    accepted = "Accepted forms: NAME, NAME@ALIAS, NAME/VERSION or NAME/latest"
+    with pytest.raises(RegistryError, match=rf"bad model reference .*{accepted}"):
+        tracking.parse_model_ref(ref)
+
+
+def test_model_ref_uri_round_trips() -> None:
+    for ref in ("enc@champion", "enc/3", "enc/latest"):
+        parsed = tracking.parse_model_ref(ref)
+        assert parsed.uri == f"models:/{ref}"
+        assert tracking.parse_model_ref(parsed.uri) == parsed
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def test_unreachable_server_fails_fast(project_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    uri = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"{uri}.*is the server running\? start it with `mlflow server"):
+        with tracking.start_run("data", config={}):
+            pytest.fail("the body must not run")
+    with pytest.raises(TrackingError, match=uri):
+        tracking.pull_model("enc", tmp_path / "x")
+    assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def live_server(tmp_path: Path, mlflow_template_db: Path):
+    """A real `mlflow server` on a free port (its store copied from the migrated template)."""
+    port = _free_port()
+    db = tmp_path / "server.db"
+    shutil.copyfile(mlflow_template_db, db)
+    log = (tmp_path / "server.log").open("wb")
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{db.as_posix()}",
+        "--artifacts-destination", str(tmp_path / "server-artifacts"),
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (tmp_path / "server.log").read_text()[-3000:]
+                pytest.fail(f"mlflow server did not come up:\n{tail}")
+            time.sleep(0.25)
+        yield uri
+    finally:
+        # the server runs uvicorn (and helpers) as children: end the whole session we started
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.slow
+def test_live_server_run_register_pull(
+    live_server: str, project_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", live_server)
+    note = tmp_path / "note.txt"
+    note.write_text("hello server")
+    with tracking.start_run("pretrain", config={"lr": 0.001, "model": {"dim": 8}}, data_hash="abc") as run:
+        run.log_metrics({"loss": 0.5}, step=1)
+        run.log_artifact(note)
+        state = _save_tiny_model(tmp_path / "m", seed=5)
+        version = tracking.register_model_dir(run, tmp_path / "m", "enc-live", aliases=["champion"])
+    assert version == 1
+
+    client = _client(live_server)
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.params["model.dim"] == "8" and got.data.metrics["loss"] == 0.5
+    assert got.data.tags["g2d.data_hash"] == "abc"
+    assert got.info.artifact_uri.startswith("mlflow-artifacts:")  # the server chose, not us
+    assert {f.path for f in client.list_artifacts(run.run_id)} >= {"config.yaml", "note.txt", "model"}
+    assert not (project_dir / "mlartifacts").exists()
+
+    folder = tracking.pull_model("enc-live@champion", tmp_path / "pulled")
+    _assert_same_tensors(folder, state)
+    assert tracking.list_models()[0]["aliases"] == {"champion": 1}
+    with pytest.raises(RegistryError, match="model 'enc-live' has no alias 'staging'; aliases: champion->1"):
+        tracking.pull_model("enc-live@staging", tmp_path / "x")
+
+
+def test_system_metrics_monitor_stops_with_the_run(mlflow_uri: str) -> None:
+    with tracking.start_run("pretrain", config={}, system_metrics=True) as run:
+        assert any(t.name == "SystemMetricsMonitor" for t in threading.enumerate())
+    assert not any(t.name == "SystemMetricsMonitor" for t in threading.enumerate())
+    assert _client(mlflow_uri).get_run(run.run_id).info.status == "FINISHED"
