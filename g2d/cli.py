@@ -74,12 +74,16 @@ def data_fetch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> 
     """Copy the embedded source files out of torchxrayvision into paths.sources (SHA-256 checked)."""
     from g2d import tracking
     from g2d.config import resolve_path
+    from g2d.data import versioning
     from g2d.data.sources import embedded
 
     cfg = _params(params, set_)
     dest = resolve_path(tracking.project_root(), cfg.paths.sources)
     for source, path, copied in embedded.fetch(dest):
         typer.echo(f"{'copied' if copied else 'up to date'}  {path}  sha256:{source.sha256[:12]}  ({source.what})")
+    root = tracking.project_root()
+    if dest == root / "data" and versioning.commit_tracked(root, "data.dvc"):
+        typer.echo(f"{root / 'data.dvc'}: verified and committed to the DVC cache")
 
 
 @data_app.command("synth")

@@ -1,0 +1,64 @@
+"""The CLI surface: one-line errors, --debug, --version, and the models commands end to end."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from g2d import __version__, tracking
+from g2d.cli import app
+from tests.test_tracking import _assert_same_tensors, _save_tiny_model
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"g2d {__version__}"
+
+
+def test_config_error_is_one_line_and_debug_shows_traceback(project_dir):
+    (project_dir / "params.yaml").write_text("synth:\n  imge_size: 64\n")
+    result = runner.invoke(app, ["data", "fetch"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("g2d: error: params.yaml: unknown key 'synth.imge_size'")
+    debug = runner.invoke(app, ["--debug", "data", "fetch"])
+    assert debug.exit_code != 0 and type(debug.exception).__name__ == "ConfigError"
+
+
+def test_bad_set_override_is_one_line(project_dir):
+    (project_dir / "params.yaml").write_text("")
+    result = runner.invoke(app, ["data", "fetch", "--set", "synth.image_size=abc"])
+    assert result.exit_code == 1
+    assert "synth.image_size = 'abc' is invalid" in result.output
+
+
+@pytest.fixture
+def registered(mlflow_uri, tmp_path):
+    with tracking.start_run("pretrain", config={"model": "tiny"}) as run:
+        state = _save_tiny_model(tmp_path / "m1", seed=1)
+        tracking.register_model_dir(run, tmp_path / "m1", "g2d-encoder")
+    return state
+
+
+def test_models_list_promote_pull_round_trip(registered, tmp_path):
+    listed = runner.invoke(app, ["models", "list"])
+    assert listed.exit_code == 0 and "g2d-encoder  versions [1]  no aliases" in listed.output
+    promoted = runner.invoke(app, ["models", "promote", "g2d-encoder", "1", "--alias", "champion"])
+    assert promoted.exit_code == 0, promoted.output
+    for ref in ("g2d-encoder@champion", "g2d-encoder/1", "g2d-encoder/latest"):
+        out = tmp_path / ref.replace("/", "_")
+        result = runner.invoke(app, ["models", "pull", ref, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip().endswith(str(out / "model"))
+        _assert_same_tensors(out / "model", registered)
+        assert json.loads((out / "model" / "model_card.json").read_text())["seed"] == 1
+
+
+def test_missing_alias_is_one_line(registered, tmp_path):
+    result = runner.invoke(app, ["models", "pull", "g2d-encoder@nope", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1
+    assert result.output.startswith("g2d: error: ") and "no alias 'nope'" in result.output
+    latest = runner.invoke(app, ["models", "promote", "g2d-encoder", "1", "--alias", "latest"])
+    assert latest.exit_code == 1 and "reserved" in latest.output

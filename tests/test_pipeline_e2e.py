@@ -1,0 +1,103 @@
+"""End to end, as a user on a fresh clone: fetch the embedded sources, `dvc repro` with the tiny
+params, then check the rendered data, the DVC state and the MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def sh(*cmd: str, cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> tuple[Path, dict]:
+    """A git repository holding the working tree's project files (committed or not), as a
+    fresh clone would, without data, stores or outputs."""
+    repo = tmp_path_factory.mktemp("e2e") / "g2d"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    sh("git", "init", "-q", cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "clone", cwd=repo, env=env)
+    shutil.copy(repo / "params.tiny.yaml", repo / "params.yaml")
+    return repo, env
+
+
+def test_fetch_then_dvc_status_sees_data_unchanged(clone):
+    repo, env = clone
+    sh("g2d", "data", "fetch", cwd=repo, env=env)
+    assert "up to date" in sh("dvc", "status", "data.dvc", cwd=repo, env=env)
+    # a stray file in data/ is named, never silently committed into data.dvc
+    (repo / "data" / "stray.txt").write_text("x")
+    proc = subprocess.run(["g2d", "data", "fetch"], cwd=repo, env=env, capture_output=True, text=True)
+    (repo / "data" / "stray.txt").unlink()
+    assert proc.returncode == 1
+    assert "data.dvc: the fetched folder differs from what it records" in proc.stderr
+
+
+def test_dvc_repro_renders_tracks_and_ends_clean(clone):
+    repo, env = clone
+    sh("dvc", "repro", cwd=repo, env=env)
+    assert "up to date" in sh("dvc", "status", cwd=repo, env=env)
+
+    out = repo / "datasets" / "synthcxr"
+    metrics = json.loads((repo / "metrics" / "data.json").read_text())
+    assert metrics["sets"]["pretrain"]["rows"] == 48
+    assert metrics["sets"]["pneumothorax"]["rows"] == metrics["sets"]["opacity"]["rows"] == 24
+    assert (out / "contact_sheet.png").stat().st_size > 10_000
+    assert (out / "params.yaml").is_file()
+    sh("g2d", "data", "validate", str(out / "pretrain"), cwd=repo, env=env)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    [exp] = [e for e in client.search_experiments() if e.name == "g2d-data"]
+    [run] = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "synth"  # named after the DVC stage
+    assert run.data.tags["g2d.dvc_stage"] == "synth"
+    assert run.data.tags["g2d.data_hash"] == metrics["data_hash"]
+    assert run.data.params["synth.image_size"] == "64"
+    names = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert {"synthcxr-pretrain", "synthcxr-pneumothorax", "synthcxr-opacity", "NLMCXR_reports.tgz"} <= set(names)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/contact_sheet.png" in artifacts
+
+
+def test_notebook_runs_on_the_rendered_data(clone):
+    import nbformat
+    from nbclient import NotebookClient
+
+    repo, env = clone
+    if not (repo / "datasets" / "synthcxr" / "synthcxr.json").is_file():
+        sh("dvc", "repro", cwd=repo, env=env)
+    nb = nbformat.read(repo / "notebooks" / "synthcxr.ipynb", as_version=4)
+    old = os.getcwd()
+    try:
+        os.chdir(repo)
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
+    finally:
+        os.chdir(old)
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "pretrain      rows    48" in printed
+    assert "synthcxr-pretrain" in printed
