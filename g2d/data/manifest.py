@@ -194,7 +194,7 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None) -> Val
     def add(check: str, message: str, i: int) -> None:
         found.setdefault((check, message), []).append(int(i) + 2)
 
-    for col, check in (("id", "duplicate id"), ("image", "duplicate image")):
+    for col in ("id", "image"):
         for i in df.index[df[col].duplicated(keep="first")]:
             add("duplicate rows", f"{col} {df.at[i, col]!r} appears more than once", i)
     if "split" in df.columns:
