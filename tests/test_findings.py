@@ -29,6 +29,14 @@ def test_conditional_heads_and_undrawable_terms():
     assert fnd.parse_term("Costophrenic Angle/right/blunted", rng())[0].kind == "effusion"
     assert fnd.parse_term("Lung/hypoinflation", rng()) == []
     assert fnd.parse_term("Spine/degenerative", rng()) == []
+    assert fnd.parse_term("Surgical Instruments/abdomen/right", rng()) == []  # below the rendered chest
+
+
+def test_midline_devices_and_more_zone_words():
+    [f] = fnd.parse_term("Tube, Inserted/trachea, carina", rng())
+    assert (f.kind, f.side) == ("device", "bilateral")  # the renderer's midline tubes
+    [f] = fnd.parse_term("Density/cardiophrenic angle/left", rng())
+    assert (f.kind, f.side, f.zone) == ("opacity", "left", "lower")
 
 
 def test_multiple_nodules_become_several_findings():

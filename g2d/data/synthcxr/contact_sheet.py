@@ -76,8 +76,8 @@ def write_pretrain_sheet(folder: Path, path: Path, n: int) -> Path:
     df = pick_examples(mf.read_manifest(folder), n)
     cols = min(4, len(df))
     rows = -(-len(df) // cols)
-    fig = plt.figure(figsize=(cols * 3.4, rows * 5.2 + 0.4), dpi=110)
-    top = 1 - 0.4 / (rows * 5.2 + 0.4)  # room for the title
+    fig = plt.figure(figsize=(cols * 3.4, rows * 5.2 + 0.8), dpi=110)
+    top = 1 - 0.8 / (rows * 5.2 + 0.8)  # room for the title
     for k, (_, row) in enumerate(df.iterrows()):
         ax = fig.add_axes([(k % cols) / cols + 0.01, top * (1 - (k // cols + 0.62) / rows), 0.98 / cols,
                            top * 0.6 / rows])
@@ -88,7 +88,7 @@ def write_pretrain_sheet(folder: Path, path: Path, n: int) -> Path:
         fig.text((k % cols) / cols + 0.01, top * (1 - (k // cols + 0.64) / rows),
                  f"MeSH: {textwrap.fill(terms, 60)}\n\n{text}", fontsize=5.6, va="top", family="monospace")
     fig.suptitle("SynthCXR pre-training set: rendered findings (outlines, boxes) vs. the paired IU report "
-                 "(R = patient's right)", fontsize=9)
+                 "(R = patient's right)", fontsize=9, y=0.995, va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

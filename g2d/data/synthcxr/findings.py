@@ -66,10 +66,16 @@ ZONES = {
     "upper lobe": "upper", "apex": "upper", "apices": "upper",
     "middle lobe": "middle", "lingula": "middle", "hilum": "middle",
     "base": "lower", "lower lobe": "lower", "retrocardiac": "lower", "costophrenic angle": "lower",
+    "cardiophrenic angle": "lower", "paratracheal": "upper",
     "diffuse": "diffuse", "scattered": "diffuse", "multiple": "diffuse",
 }
 SEVERITY = {"borderline": 0.25, "mild": 0.33, "small": 0.33, "moderate": 0.66, "severe": 1.0, "large": 1.0}
 BILATERAL_KINDS = ("cardiomegaly", "emphysema", "edema")
+# Devices placed on these structures are midline (tubes, sternotomy wires, valves): drawn as the
+# renderer's bilateral device, an endotracheal + enteric tube near the midline.
+MIDLINE = {"mediastinum", "trachea", "trachea, carina", "heart", "heart atria", "aortic valve", "mitral valve",
+           "coronary vessels", "aorta", "pulmonary artery", "spine", "thoracic vertebrae", "cervical vertebrae",
+           "neck"}
 DEFAULT_ZONE = {"effusion": "lower", "atelectasis": "lower", "device": "upper", "pneumothorax": "upper"}
 
 
@@ -85,8 +91,8 @@ class Finding:
 
 
 def _kind(head: str, attrs: list[str]) -> str | None:
-    if head in HEAD_KIND:
-        return HEAD_KIND[head]
+    if head in HEAD_KIND and not (HEAD_KIND[head] == "device" and "abdomen" in attrs):
+        return HEAD_KIND[head]  # (surgical clips in the abdomen lie outside the rendered chest)
     if head == "Lung" and "hyperdistention" in attrs:
         return "emphysema"
     if head == "Costophrenic Angle" and "blunted" in attrs:
@@ -105,7 +111,7 @@ def parse_term(term: str, rng: np.random.Generator) -> list[Finding]:
     kind = _kind(head, attrs)
     if kind is None:
         return []
-    if kind in BILATERAL_KINDS or "bilateral" in attrs:
+    if kind in BILATERAL_KINDS or "bilateral" in attrs or (kind == "device" and MIDLINE & set(attrs)):
         side = "bilateral"
     elif "right" in attrs:
         side = "right"
