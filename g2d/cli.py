@@ -101,7 +101,7 @@ def data_synth(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> 
     dropped = {k: v for k, v in outcome.metrics["dropped"].items() if v}
     for reason, n in dropped.items():
         typer.echo(f"dropped {n}: {reason}")
-    typer.echo(f"data hash {outcome.data_hash[:16]}  in {outcome.metrics['render_seconds']} s  "
+    typer.echo(f"data hash {outcome.data_hash[:16]}  in {outcome.seconds:.1f} s  "
                f"-> {outcome.out}  (MLflow run {outcome.run_id})")
 
 

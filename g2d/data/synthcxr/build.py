@@ -140,15 +140,21 @@ def plan_pneumothorax(cfg: Synth, table: dict[str, list[str]], fields: list, res
         n = len(jobs)
         jobs.append(Job("pneumothorax", n, f"ptx-{n:05d}", f"siim-{image_id}", lung, (finding,), rles))
     result.dropped["SIIM shapes mostly outside the chosen lung field"] = outside
+    return _add_negatives("pneumothorax", jobs, n_pos, n_neg, [f"siim-{k}" for k in negatives], len(fields), rng)
+
+
+def _add_negatives(name: str, jobs: list[Job], n_pos: int, n_neg: int, negatives: list[str], n_lungs: int,
+                   rng: np.random.Generator) -> list[Job]:
+    """Check the positives were found, then append `n_neg` images without a finding."""
+    prefix = {"pneumothorax": "ptx", "opacity": "opa"}[name]
     if len(jobs) < n_pos:
-        raise ConfigError(f"synth.pneumothorax: only {len(jobs)} usable SIIM shapes for {n_pos} positives; "
+        raise ConfigError(f"synth.{name}: only {len(jobs)} usable source shapes for {n_pos} positives; "
                           "lower count or positive_fraction")
     if n_neg > len(negatives):
-        raise ConfigError(f"synth.pneumothorax: {n_neg} negatives asked, the SIIM table has {len(negatives)}")
+        raise ConfigError(f"synth.{name}: {n_neg} negatives asked, the source table has {len(negatives)}")
     for k in sorted(rng.permutation(len(negatives))[:n_neg]):
         n = len(jobs)
-        jobs.append(Job("pneumothorax", n, f"ptx-{n:05d}", f"siim-{negatives[k]}",
-                        int(rng.integers(len(fields))), ()))
+        jobs.append(Job(name, n, f"{prefix}-{n:05d}", negatives[k], int(rng.integers(n_lungs)), ()))
     return jobs
 
 
@@ -182,16 +188,8 @@ def plan_opacity(cfg: Synth, patients: list[rsna.RSNAPatient], fields: list, res
                         boxes=tuple(kept)))
     result.dropped["RSNA boxes mostly outside the chosen lung field"] = boxes_outside
     result.dropped["RSNA patients with no usable box"] = patients_outside
-    if len(jobs) < n_pos:
-        raise ConfigError(f"synth.opacity: only {len(jobs)} usable RSNA patients for {n_pos} positives; "
-                          "lower count or positive_fraction")
-    if n_neg > len(negatives):
-        raise ConfigError(f"synth.opacity: {n_neg} negatives asked, the RSNA table has {len(negatives)}")
-    for k in sorted(rng.permutation(len(negatives))[:n_neg]):
-        n = len(jobs)
-        jobs.append(Job("opacity", n, f"opa-{n:05d}", f"rsna-{negatives[k].patient_id}",
-                        int(rng.integers(len(fields))), ()))
-    return jobs
+    negative_ids = [f"rsna-{p.patient_id}" for p in negatives]
+    return _add_negatives("opacity", jobs, n_pos, n_neg, negative_ids, len(fields), rng)
 
 
 # ---------------------------------------------------------------- rendering (runs in workers)
@@ -254,10 +252,15 @@ def render_job(job: Job) -> dict:
 # ---------------------------------------------------------------- assembling
 
 
-def _prepare_out(out: Path) -> None:
+def _check_out(out: Path) -> None:
+    """Never delete what g2d did not write: an existing output must be an earlier SynthCXR."""
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise DataError(f"{out}: exists and is not a SynthCXR folder (no {MARKER}); "
                         "choose another paths.synthcxr or empty it")
+
+
+def _prepare_out(out: Path) -> None:
+    _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in (*SETS, MARKER):
         target = out / name
@@ -322,6 +325,7 @@ def _finish_set(name: str, rows: list[dict], cfg: Synth, out: Path, reporter: Re
 def build(cfg: Synth, sources_dir: Path, out: Path, reporter: Reporter = silent) -> BuildResult:
     """Render SynthCXR into `out` from the fetched sources in `sources_dir`."""
     result = BuildResult(out)
+    _check_out(out)
     lung_set = lungs.load_lung_fields(embedded.source_path(sources_dir, embedded.LUNG_MASKS), cfg.image_size)
     fields = lung_set.fields
     for reason, n in lung_set.dropped.items():
