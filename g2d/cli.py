@@ -161,6 +161,31 @@ def data_info(path: Annotated[Path, typer.Argument(help="dataset folder or its m
         typer.echo(f"  warning: {info['warning']}", err=True)
 
 
+# ---------------------------------------------------------------- training
+
+
+@app.command("pretrain")
+@handles_errors
+def pretrain(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
+) -> None:
+    """Pre-train G2D on the pre-training manifest and register the model (the `pretrain` DVC stage)."""
+    from g2d.pipeline import pretrain as stage
+    from g2d.progress import rich_progress
+
+    cfg = _params(params, set_)
+    with rich_progress() as reporter:
+        outcome = stage.run(cfg, resume=resume, reporter=reporter)
+    r = outcome.metrics["retrieval"]
+    typer.echo(f"{outcome.metrics['steps']} steps; val retrieval i2t R@1 {r['i2t_R@1']:.3f} R@10 {r['i2t_R@10']:.3f} "
+               f"(chance R@1 {outcome.metrics['retrieval_chance']['R@1']:.4f}); pseudo-mask IoU "
+               f"{outcome.metrics['pseudo_mask'].get('pseudo_mask_iou', float('nan')):.3f}")
+    typer.echo(f"registered {cfg.pretrain.register_as} version {outcome.version} (models:/{cfg.pretrain.register_as}/"
+               f"latest) from {outcome.model_dir}  (MLflow run {outcome.run_id})")
+
+
 # ---------------------------------------------------------------- models
 
 

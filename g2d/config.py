@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from g2d.errors import ConfigError
 
@@ -27,6 +27,7 @@ class Paths(Strict):
     sources: str = Field("data", description="fetched source files, tracked by data.dvc")
     synthcxr: str = Field("datasets/synthcxr", description="rendered SynthCXR (a DVC stage output)")
     metrics: str = Field("metrics", description="small JSON metrics that DVC tracks")
+    models: str = Field("models", description="checkpoints and exported models (DVC stage outputs)")
 
 
 class Tracking(Strict):
@@ -74,11 +75,92 @@ class Synth(Strict):
     workers: int = Field(0, ge=0, description="render processes; 0 = all cores. Does not change the output")
 
 
+class PseudoMask(Strict):
+    """How the pseudo segmentation target is made from the attention pooling (paper §3.2, Table 8)."""
+
+    threshold: float | Literal["median"] = Field(
+        0.85, description="per-image quantile of in-body attention: pixels above it are foreground; 'median' = 0.5"
+    )
+    aggregate_heads: bool = Field(True, description="mean over heads; false = the first head alone")
+    body_mask: bool = Field(True, description="zero attention outside the body (Otsu threshold of the image)")
+    smooth: bool = Field(True, description="joint bilateral smoothing of the binary mask, guided by the image")
+    shuffle: bool = Field(False, description="ablation: pair each image with another image's mask")
+    smooth_kernel: int = Field(5, ge=3, le=15, description="bilateral window (odd)")
+    smooth_sigma_space: float = Field(1.5, gt=0)
+    smooth_sigma_range: float = Field(0.1, gt=0, description="on image intensities in [0, 1]")
+
+    @field_validator("threshold")
+    @classmethod
+    def _quantile(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError(f"threshold must be a quantile in (0, 1) or 'median', got {v}")
+        return v
+
+    @field_validator("smooth_kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"smooth_kernel must be odd, got {v}")
+        return v
+
+
+class Model(Strict):
+    """The G2D networks. Paper profile: resnet50, Bio_ClinicalBERT with 9 of 12 layers frozen, 224 px."""
+
+    encoder: str = Field("resnet18", description="segmentation_models_pytorch encoder name (paper: resnet50)")
+    encoder_weights: str | None = Field(None, description="null = random init (no downloads); 'imagenet' needs internet")
+    decoder_channels: tuple[int, ...] = Field((128, 64, 32, 16, 8), min_length=5, max_length=5)
+    text_model: str = Field(
+        "minilm", description="'minilm' = the packaged all-MiniLM-L6-v2; 'tiny' = a 2-layer BERT built from config "
+        "(tests); or a Hugging Face name / local path, e.g. emilyalsentzer/Bio_ClinicalBERT"
+    )
+    text_frozen_layers: int = Field(0, ge=0, description="first N transformer layers (and the embeddings) frozen")
+    max_length: int = Field(128, ge=8, le=512, description="report tokens kept (truncation)")
+    embed_dim: int = Field(128, ge=8, description="d, the shared embedding size")
+    heads: int = Field(4, ge=1, description="attention-pooling heads (paper: 3)")
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> Model:
+        if self.embed_dim % self.heads:
+            raise ValueError(f"heads = {self.heads} does not divide embed_dim = {self.embed_dim}; pick heads that "
+                             f"divide {self.embed_dim} or an embed_dim divisible by {self.heads}")
+        return self
+
+
+class Pretrain(Strict):
+    """G2D pre-training (paper §4: AdamW, warm-up + cosine schedule)."""
+
+    image_size: int = Field(128, ge=32, le=1024, description="training resolution (paper: 224)")
+    batch_size: int = Field(32, ge=2)
+    epochs: int = Field(2, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs); null = all epochs")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    temperature: float = Field(0.07, gt=0)
+    dense: Literal["pseudo_seg", "reconstruction", "none"] = Field(
+        "pseudo_seg", description="dense pretext task; none = global alignment only (ConVIRT / CLIP-style)"
+    )
+    dense_warmup_steps: int = Field(20, ge=0, description="steps of global alignment alone before the dense loss")
+    pseudo_mask: PseudoMask = PseudoMask()
+    augment: bool = Field(True, description="random resized crop and small rotation of training images")
+    num_workers: int = Field(0, ge=0, description="dataloader processes (they also tokenise)")
+    log_every: int = Field(10, ge=1, description="steps between logged losses")
+    grid_every: int = Field(100, ge=1, description="steps between logged attention / pseudo-mask grids")
+    grid_images: int = Field(6, ge=1, le=32)
+    eval_images: int = Field(256, ge=8, description="val images for the per-epoch pseudo-mask IoU")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    register_as: str = Field("g2d-encoder", description="registered model name")
+
+
 class Params(Strict):
-    seed: int = Field(42, ge=0, description="global seed of training stages")
+    seed: int = Field(42, ge=0, description="global seed of the training stages")
     paths: Paths = Paths()
     tracking: Tracking = Tracking()
     synth: Synth = Synth()
+    model: Model = Model()
+    pretrain: Pretrain = Pretrain()
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -106,7 +188,9 @@ def _format_error(err: dict[str, Any], source: str) -> str:
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"{source}: unknown key '{key}': {hint}allowed here: {', '.join(allowed)}"
     value = err.get("input")
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):  # a rule across keys of one section
+        return f"{source}: {key}: {msg}"
     return f"{source}: {key} = {value!r} is invalid: {msg}"
 
 

@@ -1,0 +1,45 @@
+"""G2D's two losses: global image-report alignment and the dense pretext loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, with gradients flowing back to each rank's own rows (DDP negatives);
+    the tensor itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def info_nce(image: torch.Tensor, text: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Symmetric InfoNCE over L2-normalised embeddings: each image's report is its positive and every
+    other report in the (global) batch a negative, and the same from the reports' side."""
+    image = F.normalize(gather_with_grad(image), dim=-1)
+    text = F.normalize(gather_with_grad(text), dim=-1)
+    logits = image @ text.T / temperature
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+class DenseLoss(torch.nn.Module):
+    """L = 1/2 (soft Dice + BCE) between decoder logits and the pseudo mask (MONAI's DiceCELoss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.losses import DiceCELoss
+
+        self.loss = DiceCELoss(sigmoid=True, lambda_dice=0.5, lambda_ce=0.5)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, target)
+
+
+def reconstruction_loss(output: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """The reconstruction pretext of the paper's Table 5a: the decoder redraws the image."""
+    return F.mse_loss(torch.sigmoid(output), images)

@@ -1,0 +1,81 @@
+"""The pseudo segmentation target (paper §3.2): built from the attention pooling's weights, with no
+parameters and no gradient. Each step can be switched for the paper's ablations (Table 8).
+
+    per-head attention of the query over the pixels
+      -> mean over heads                       (aggregate_heads; off: the first head alone)
+      -> upsample to the image size
+      -> zero outside the body                 (body_mask: Otsu threshold of the image)
+      -> 1 where above the per-image quantile  (threshold: 0.85 keeps the top 15% of the body)
+      -> joint bilateral smoothing             (smooth: guided by the image, then re-binarised)
+      -> optionally shuffled across the batch  (shuffle: the ablation that breaks the pairing)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from g2d.config import PseudoMask
+
+
+def otsu_body_mask(images: torch.Tensor, bins: int = 64) -> torch.Tensor:
+    """(B, 1, H, W) in [0, 1] -> bool body mask: pixels brighter than each image's Otsu threshold
+    (the patient is denser than the air around them)."""
+    b = images.shape[0]
+    flat = images.reshape(b, -1).clamp(0, 1)
+    idx = (flat * (bins - 1)).round().long()
+    hist = torch.zeros(b, bins, device=images.device).scatter_add_(1, idx, torch.ones_like(flat))
+    p = hist / hist.sum(1, keepdim=True)
+    levels = torch.linspace(0, 1, bins, device=images.device)
+    w0 = p.cumsum(1)
+    mu = (p * levels).cumsum(1)
+    between = (mu[:, -1:] * w0 - mu) ** 2 / (w0 * (1 - w0)).clamp_min(1e-12)
+    threshold = levels[between.argmax(1)].view(b, 1, 1, 1)
+    return images > threshold
+
+
+def quantile_binarise(values: torch.Tensor, inside: torch.Tensor, q: float) -> torch.Tensor:
+    """1 where a pixel's value is above the q-quantile of the values inside `inside`, per image."""
+    b = values.shape[0]
+    flat, keep = values.reshape(b, -1), inside.reshape(b, -1)
+    masked = torch.where(keep, flat, torch.full_like(flat, float("nan")))
+    cut = torch.nanquantile(masked, q, dim=1, keepdim=True)
+    return ((flat > cut) & keep).reshape(values.shape)
+
+
+def bilateral_smooth(mask: torch.Tensor, guide: torch.Tensor, kernel: int, sigma_space: float,
+                     sigma_range: float) -> torch.Tensor:
+    """Joint bilateral filter of a binary mask guided by the image, re-binarised at 0.5: ragged
+    edges follow the image's edges instead of the attention grid's blocks."""
+    pad = kernel // 2
+    b, _, h, w = mask.shape
+    ys, xs = torch.meshgrid(torch.arange(kernel) - pad, torch.arange(kernel) - pad, indexing="ij")
+    spatial = torch.exp(-(ys**2 + xs**2).float() / (2 * sigma_space**2)).to(mask.device).view(1, -1, 1)
+    g = F.unfold(F.pad(guide, (pad,) * 4, mode="replicate"), kernel)  # (B, k*k, HW)
+    m = F.unfold(F.pad(mask.float(), (pad,) * 4, mode="replicate"), kernel)
+    centre = guide.reshape(b, 1, h * w)
+    weights = spatial * torch.exp(-((g - centre) ** 2) / (2 * sigma_range**2))
+    smoothed = (weights * m).sum(1) / weights.sum(1)
+    return (smoothed > 0.5).reshape(b, 1, h, w)
+
+
+@torch.no_grad()
+def pseudo_mask(attention: torch.Tensor, images: torch.Tensor, cfg: PseudoMask,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """attention (B, heads, h, w) and images (B, 1, H, W) in [0, 1] -> float mask (B, 1, H, W) of 0 / 1."""
+    attention = attention.detach().float()
+    agg = attention.mean(1, keepdim=True) if cfg.aggregate_heads else attention[:, :1]
+    up = F.interpolate(agg, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    inside = otsu_body_mask(images) if cfg.body_mask else torch.ones_like(up, dtype=torch.bool)
+    inside = inside | ~inside.flatten(1).any(1).view(-1, 1, 1, 1)  # a blank image keeps all its pixels
+    q = 0.5 if cfg.threshold == "median" else float(cfg.threshold)
+    mask = quantile_binarise(up * inside, inside, q)
+    if cfg.smooth:
+        mask = bilateral_smooth(mask, images.float(), cfg.smooth_kernel, cfg.smooth_sigma_space,
+                                cfg.smooth_sigma_range) & inside
+    if cfg.shuffle and mask.shape[0] > 1:
+        perm = torch.randperm(mask.shape[0], generator=generator, device="cpu")
+        if (perm == torch.arange(len(perm))).all():
+            perm = perm.roll(1)
+        mask = mask[perm.to(mask.device)]
+    return mask.float()

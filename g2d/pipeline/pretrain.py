@@ -1,0 +1,244 @@
+"""The `pretrain` stage: train G2D on the pre-training manifest, log it to MLflow, write
+`metrics/pretrain.json`, export the model folder and register it as `g2d-encoder`.
+
+Resumable: a checkpoint (model, optimizer, scheduler, step, epoch, RNG states) is written every
+`checkpoint_every` steps next to the output; `--resume` continues from it. The data order of an
+epoch depends only on (seed, epoch), so a resumed run skips exactly the batches already seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from g2d import tracking
+from g2d.config import Params, dump_yaml, resolve_path, to_dict
+from g2d.data import manifest as mf
+from g2d.data.pairs import Collate, PairDataset, seed_worker
+from g2d.errors import DataError
+from g2d.pipeline import figures, model_files, runtime
+from g2d.pipeline.pretrain_eval import embed_all, pseudo_mask_quality, recall_at_k
+from g2d.progress import Reporter, silent
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class PretrainOutcome:
+    model_dir: Path
+    metrics: dict
+    run_id: str
+    version: int
+
+
+def paths(params: Params) -> tuple[Path, Path, Path, Path]:
+    root = tracking.project_root()
+    data = resolve_path(root, params.paths.synthcxr) / "pretrain"
+    out = resolve_path(root, params.paths.models) / "pretrain"
+    ckpt_dir = resolve_path(root, params.paths.models) / "pretrain-checkpoints"
+    metrics = resolve_path(root, params.paths.metrics) / "pretrain.json"
+    return data, out, ckpt_dir, metrics
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to zero at the last step."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def model_card(params: Params, metrics: dict, data_hash: str, split_hash: str, run_id: str) -> str:
+    m, p = params.model, params.pretrain
+    retrieval = ", ".join(f"{k} {v:.3f}" for k, v in metrics.get("retrieval", {}).items())
+    iou = metrics.get("pseudo_mask", {})
+    return f"""# g2d-encoder
+
+G2D pre-trained chest X-ray encoder (Liu et al., NeurIPS 2024): a {m.encoder} U-Net image tower with its
+decoder, a `{m.text_model}` text tower, projections to d = {m.embed_dim} and a {m.heads}-head attention pooling.
+
+## Training
+- data: `{params.paths.synthcxr}/pretrain`, sha256 `{data_hash}`; train ids sha256 `{split_hash}`
+- dense pretext: `{p.dense}`; pseudo mask: threshold {p.pseudo_mask.threshold}, heads aggregated
+  {p.pseudo_mask.aggregate_heads}, body mask {p.pseudo_mask.body_mask}, smoothing {p.pseudo_mask.smooth}
+- {metrics['steps']} steps, batch {p.batch_size}, {p.image_size} px, AdamW lr {p.lr}, seed {params.seed}
+- MLflow run `{run_id}`
+
+## Metrics (val split)
+- zero-shot retrieval: {retrieval}
+- pseudo-mask IoU with rendered findings: {iou.get('pseudo_mask_iou', float('nan')):.3f}
+
+## Intended use and limits
+For research: initialise segmentation, detection and classification models of chest radiographs and
+measure label efficiency. Trained on SynthCXR (rendered images paired with real IU reports) unless the
+data hash says otherwise: its features reflect synthetic anatomy and must not be used for diagnosis.
+Files: `model.safetensors` (weights only, no code), `config.yaml` (rebuilds the network).
+"""
+
+
+def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> PretrainOutcome:
+    from g2d.model.g2d import G2D
+    from g2d.model.towers import load_tokenizer
+
+    cfg, p = params.model, params.pretrain
+    data_dir, out, ckpt_dir, metrics_path = paths(params)
+    info = mf.read_info(data_dir)
+    if not info:
+        raise DataError(f"{data_dir}: no dataset.json; render the data first (`g2d data synth` or `dvc repro synth`)")
+    runtime.seed_everything(params.seed)
+    dev = runtime.device()
+
+    tokenizer = load_tokenizer(cfg)
+    collate = Collate(tokenizer, cfg.max_length)
+    train = PairDataset(data_dir, "train", p.image_size, augment=p.augment, seed=params.seed)
+    val = PairDataset(data_dir, "val", p.image_size, with_masks=True)
+    split_hash = hashlib.sha256("\n".join(sorted(train.rows["id"])).encode()).hexdigest()
+    if len(train) < p.batch_size:
+        raise DataError(f"{data_dir}: {len(train)} training pairs, fewer than pretrain.batch_size = {p.batch_size}")
+    steps_per_epoch = len(train) // p.batch_size  # drop_last: every step has a full set of negatives
+    total = p.epochs * steps_per_epoch if p.max_steps is None else min(p.max_steps, p.epochs * steps_per_epoch)
+    eval_rows = list(range(min(p.eval_images, len(val))))
+    val_loader = DataLoader(val, batch_size=p.batch_size, collate_fn=collate)
+    eval_loader = DataLoader(torch.utils.data.Subset(val, eval_rows), batch_size=p.batch_size, collate_fn=collate)
+    grid_batch = collate([val[i] for i in _grid_rows(val, p.grid_images)])
+
+    model = G2D(cfg, tokenizer.vocab_size, p.image_size).to(dev)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(p.warmup_steps, total))
+    step, history = 0, {"pseudo_mask_iou": [], "loss": []}
+    ckpt_path = ckpt_dir / CHECKPOINT
+    if resume:
+        state = runtime.load_checkpoint(ckpt_path)
+        if state.get("config") != to_dict(params)["model"] | {"pretrain": to_dict(params)["pretrain"]}:
+            raise runtime.CheckpointError(f"{ckpt_path}: was written with other model / pretrain params; "
+                                          "resume with the same params or start fresh")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history = int(state["step"]), json.loads(state["history"])
+        runtime.set_rng_state(state["rng"])
+
+    def checkpoint() -> None:
+        runtime.save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "epoch": step // steps_per_epoch, "rng": runtime.rng_state(),
+            "history": json.dumps(history),
+            "config": to_dict(params)["model"] | {"pretrain": to_dict(params)["pretrain"]}})
+
+    tags = {"g2d.split_hash": split_hash, "g2d.seed": str(params.seed), "g2d.resumed_from_step": str(step)}
+    with tracking.start_run("pretrain", config=to_dict(params), data_hash=info.get("sha256"), tags=tags,
+                            uri=params.tracking.uri, system_metrics=True) as tr:
+        tr.log_dataset("synthcxr-pretrain", source=str(data_dir / mf.MANIFEST), digest=info.get("sha256", ""),
+                       context="training", profile={"train": len(train), "val": len(val)})
+        advance = reporter.task("pre-train G2D", total)
+        advance(step)
+        started, seen = time.perf_counter(), 0
+        grid_dir = out.parent / "pretrain-figures"
+        while step < total:
+            epoch = step // steps_per_epoch
+            train.set_epoch(epoch)
+            order = epoch_order(len(train), params.seed, epoch)
+            done_in_epoch = step - epoch * steps_per_epoch
+            batches = [order[i * p.batch_size:(i + 1) * p.batch_size] for i in range(steps_per_epoch)]
+            loader = DataLoader(train, batch_sampler=batches[done_in_epoch:], collate_fn=collate,
+                                num_workers=p.num_workers, worker_init_fn=seed_worker,
+                                persistent_workers=False)
+            model.train()
+            for batch in loader:
+                with runtime.autocast(dev):
+                    losses = model.losses(batch["image"].to(dev), batch["input_ids"].to(dev),
+                                          batch["attention_mask"].to(dev), p, dense_on=step >= p.dense_warmup_steps)
+                optimizer.zero_grad(set_to_none=True)
+                losses.total.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                seen += len(batch["id"])
+                advance(1)
+                if not math.isfinite(float(losses.total.detach())):
+                    raise DataError(f"pre-training loss is {float(losses.total.detach())} at step {step}; batch ids "
+                                    f"{batch['id'][:8]}; lower pretrain.lr or check these images")
+                if step % p.log_every == 0 or step == total:
+                    rate = seen / max(time.perf_counter() - started, 1e-9)
+                    history["loss"].append([step, float(losses.total.detach())])
+                    tr.log_metrics({"loss/total": float(losses.total.detach()), "loss/global": float(losses.global_.detach()),
+                                    "loss/dense": float(losses.dense.detach()), "lr": scheduler.get_last_lr()[0],
+                                    "pairs_per_s": rate}, step=step)
+                if step % p.grid_every == 0 or step == total:
+                    path = _grid(model, grid_batch, p, dev, step, grid_dir / f"attention_step{step:06d}.png")
+                    tr.log_artifact(path, "figures")
+                if step % p.checkpoint_every == 0 and step < total:
+                    checkpoint()
+                if step % steps_per_epoch == 0 or step == total:
+                    model.eval()
+                    quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
+                    model.train()
+                    history["pseudo_mask_iou"].append([step, quality.get("pseudo_mask_iou", float("nan"))])
+                    tr.log_metrics({f"val/{k}": v for k, v in quality.items()}, step=step)
+                if step >= total:
+                    break
+        checkpoint()
+
+        model.eval()
+        image_emb, text_emb = embed_all(model, val_loader, dev)
+        retrieval = recall_at_k(image_emb @ text_emb.T)
+        quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
+        n_val = len(val)
+        metrics = {
+            "steps": step, "epochs": round(step / steps_per_epoch, 3), "train_pairs": len(train), "val_pairs": n_val,
+            "final_loss": history["loss"][-1][1] if history["loss"] else None,
+            "retrieval": retrieval, "retrieval_chance": {f"R@{k}": round(k / n_val, 5) for k in (1, 5, 10)},
+            "pseudo_mask": quality,
+            "pseudo_mask_iou_by_step": history["pseudo_mask_iou"],
+            "data_hash": info.get("sha256"), "split_hash": split_hash,
+        }
+        tr.log_metrics({f"val/{k}": v for k, v in retrieval.items()}, step=step)
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        tr.log_artifact(metrics_path)
+
+        card = model_card(params, metrics, info.get("sha256", ""), split_hash, tr.run_id)
+        model_files.save(model, p.image_size, out, card, extra={"data_hash": info.get("sha256"),
+                                                                 "split_hash": split_hash})
+        dump_yaml(params, out / "params.yaml")
+        version = tracking.register_model_dir(tr, out, p.register_as)
+        return PretrainOutcome(out, metrics, tr.run_id, version)
+
+
+def _grid_rows(val: PairDataset, n: int) -> list[int]:
+    """Val rows with rendered findings first, so the grid shows where the model should look."""
+    with_findings = [i for i, f in enumerate(val.rows.get("findings", [])) if f and f != "[]"]
+    rest = [i for i in range(len(val)) if i not in set(with_findings)]
+    return (with_findings + rest)[:n]
+
+
+@torch.no_grad()
+def _grid(model, batch: dict, p, dev, step: int, path: Path) -> Path:
+    from g2d.model.pseudo_mask import pseudo_mask
+
+    was_training = model.training
+    model.eval()
+    images = batch["image"].to(dev)
+    image = model.encode_image(images)
+    masks = pseudo_mask(image.attention, images, p.pseudo_mask)
+    model.train(was_training)
+    return figures.attention_grid(images, image.attention, masks, batch.get("mask"), batch["id"],
+                                  f"step {step}: attention, pseudo mask, rendered findings", path)

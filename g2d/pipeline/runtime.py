@@ -1,0 +1,77 @@
+"""What every training stage needs: seeding, the device and its precision, and checkpoints that are
+written atomically and carry every RNG state so a resumed run continues exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from g2d.errors import G2DError
+
+
+class CheckpointError(G2DError):
+    """A checkpoint cannot be read or does not match the run."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(dev: torch.device):
+    """bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is slower here and changes results)."""
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"python": repr(random.getstate()), "torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "gauss": [int(np_state[3]), float(np_state[4])]}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    random.setstate(ast.literal_eval(state["python"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["gauss"][0], n["gauss"][1]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
+    """Write to a temporary file and rename: a crash never leaves a truncated checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Tensors and plain containers only (weights_only): a checkpoint cannot run code when loaded."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint to resume from; run without --resume to start fresh")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(f"{path}: not a readable g2d checkpoint ({type(e).__name__}: {e}); delete it or "
+                              "run without --resume") from None
