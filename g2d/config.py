@@ -108,7 +108,7 @@ class Model(Strict):
     """The G2D networks. Paper profile: resnet50, Bio_ClinicalBERT with 9 of 12 layers frozen, 224 px."""
 
     encoder: str = Field("resnet18", description="segmentation_models_pytorch encoder name (paper: resnet50)")
-    encoder_weights: str | None = Field(None, description="null = random init (no downloads); 'imagenet' needs internet")
+    encoder_weights: str | None = Field(None, description="null = random init; 'imagenet' needs internet")
     decoder_channels: tuple[int, ...] = Field((128, 64, 32, 16, 8), min_length=5, max_length=5)
     text_model: str = Field(
         "minilm", description="'minilm' = the packaged all-MiniLM-L6-v2; 'tiny' = a 2-layer BERT built from config "

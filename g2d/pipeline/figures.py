@@ -32,8 +32,10 @@ def attention_grid(images: torch.Tensor, attention: torch.Tensor, masks: torch.T
             ax = axes[r][c]
             ax.imshow(base, cmap="gray", vmin=0, vmax=1)
             if over is not None:
-                ax.imshow(np.ma.masked_where(over <= (0 if name != "attention" else -1), over), cmap="jet",
-                          alpha=0.45)
+                if name == "attention":
+                    ax.imshow(over, cmap="jet", alpha=0.45)
+                else:
+                    ax.imshow(np.ma.masked_where(over <= 0, over), cmap="autumn", alpha=0.55, vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

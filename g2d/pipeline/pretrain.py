@@ -178,9 +178,10 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
                                     f"{batch['id'][:8]}; lower pretrain.lr or check these images")
                 if step % p.log_every == 0 or step == total:
                     rate = seen / max(time.perf_counter() - started, 1e-9)
-                    history["loss"].append([step, float(losses.total.detach())])
-                    tr.log_metrics({"loss/total": float(losses.total.detach()), "loss/global": float(losses.global_.detach()),
-                                    "loss/dense": float(losses.dense.detach()), "lr": scheduler.get_last_lr()[0],
+                    values = {k: float(v.detach()) for k, v in (("total", losses.total), ("global", losses.global_),
+                                                                ("dense", losses.dense))}
+                    history["loss"].append([step, values["total"]])
+                    tr.log_metrics({**{f"loss/{k}": v for k, v in values.items()}, "lr": scheduler.get_last_lr()[0],
                                     "pairs_per_s": rate}, step=step)
                 if step % p.grid_every == 0 or step == total:
                     path = _grid(model, grid_batch, p, dev, step, grid_dir / f"attention_step{step:06d}.png")
