@@ -59,9 +59,13 @@ def main_options(
     _state["debug"] = debug
 
 
-def _params(path: Path, overrides: list[str] | None):
-    from g2d.config import load_params
+def _params(path: Path, overrides: list[str] | None, defaults_if_missing: bool = False):
+    """The validated config. Commands that only need paths (fetch) run on the defaults when the
+    default params.yaml is absent; stages never do, so a misplaced cwd is an error, not a surprise."""
+    from g2d.config import apply_overrides, load_params, validate
 
+    if defaults_if_missing and path == Path("params.yaml") and not path.exists():
+        return validate(apply_overrides({}, overrides or []), "defaults (no params.yaml here)")
     return load_params(path, overrides or [])
 
 
@@ -77,7 +81,7 @@ def data_fetch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> 
     from g2d.data import versioning
     from g2d.data.sources import embedded
 
-    cfg = _params(params, set_)
+    cfg = _params(params, set_, defaults_if_missing=True)
     dest = resolve_path(tracking.project_root(), cfg.paths.sources)
     for source, path, copied in embedded.fetch(dest):
         typer.echo(f"{'copied' if copied else 'up to date'}  {path}  sha256:{source.sha256[:12]}  ({source.what})")
@@ -133,14 +137,14 @@ def data_info(path: Annotated[Path, typer.Argument(help="dataset folder or its m
     """Counts, splits, label prevalence, fractions and hashes of a dataset."""
     from g2d.data import manifest as mf
 
-    folder = path.parent if path.is_file() else path
+    folder = mf.manifest_path(path).parent
     df = mf.read_manifest(folder)
     recorded = mf.read_info(folder)
     info = {
         "manifest": str(folder / mf.MANIFEST),
         "rows": len(df),
         "patients": int(df["patient_id"].nunique()) if "patient_id" in df else None,
-        "splits": df["split"].value_counts().reindex(mf.SPLITS, fill_value=0).to_dict() if "split" in df else {},
+        "splits": {str(k): int(v) for k, v in df["split"].value_counts().sort_index().items()} if "split" in df else {},
         "prevalence": {c: round(float(df[c].fillna(0).eq(1).mean()), 4) for c in mf.label_columns(df)},
         "fractions": recorded.get("fractions", {}),
         "sha256": mf.dataset_hash(folder),
@@ -236,9 +240,7 @@ def models_promote(
 
 def _tracking_uri(params: Path, overrides: list[str] | None) -> str | None:
     """The configured store; a missing default params.yaml is fine here (env / default apply)."""
-    if not params.exists() and params == Path("params.yaml") and not overrides:
-        return None
-    return _params(params, overrides).tracking.uri
+    return _params(params, overrides, defaults_if_missing=True).tracking.uri
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ refused, and errors name the dotted key, the bad value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,7 +115,7 @@ class Model(Strict):
         "minilm", description="'minilm' = the packaged all-MiniLM-L6-v2; 'tiny' = a 2-layer BERT built from config "
         "(tests); or a Hugging Face name / local path, e.g. emilyalsentzer/Bio_ClinicalBERT"
     )
-    text_frozen_layers: int = Field(0, ge=0, description="first N transformer layers (and the embeddings) frozen")
+    text_frozen_layers: int = Field(4, ge=0, description="first N transformer layers (and the embeddings) frozen")
     max_length: int = Field(128, ge=8, le=512, description="report tokens kept (truncation)")
     embed_dim: int = Field(128, ge=8, description="d, the shared embedding size")
     heads: int = Field(4, ge=1, description="attention-pooling heads (paper: 3)")
@@ -132,7 +133,7 @@ class Pretrain(Strict):
 
     image_size: int = Field(128, ge=32, le=1024, description="training resolution (paper: 224)")
     batch_size: int = Field(32, ge=2)
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs); null = all epochs")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -142,15 +143,15 @@ class Pretrain(Strict):
     dense: Literal["pseudo_seg", "reconstruction", "none"] = Field(
         "pseudo_seg", description="dense pretext task; none = global alignment only (ConVIRT / CLIP-style)"
     )
-    dense_warmup_steps: int = Field(20, ge=0, description="steps of global alignment alone before the dense loss")
+    dense_warmup_steps: int = Field(30, ge=0, description="steps of global alignment alone before the dense loss")
     pseudo_mask: PseudoMask = PseudoMask()
     augment: bool = Field(True, description="random resized crop and small rotation of training images")
     num_workers: int = Field(0, ge=0, description="dataloader processes (they also tokenise)")
     log_every: int = Field(10, ge=1, description="steps between logged losses")
-    grid_every: int = Field(100, ge=1, description="steps between logged attention / pseudo-mask grids")
+    grid_every: int = Field(85, ge=1, description="steps between logged attention / pseudo-mask grids")
     grid_images: int = Field(6, ge=1, le=32)
     eval_images: int = Field(256, ge=8, description="val images for the per-epoch pseudo-mask IoU")
-    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     register_as: str = Field("g2d-encoder", description="registered model name")
 
 
@@ -203,14 +204,17 @@ def validate(raw: dict[str, Any], source: str = "params") -> Params:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value), the value read as YAML so numbers, bools, null parse."""
+    """`a.b=value` -> (["a", "b"], value). The value is read as JSON (numbers, true / false, null,
+    lists), otherwise kept as text: YAML 1.1 would turn `064` into 52 and `no` into False."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. synth.image_size=64")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e.__class__.__name__})") from None
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    if isinstance(parsed, str) and parsed.strip().lower() in ("~", "none"):
+        parsed = None
     return key.strip().split("."), parsed
 
 

@@ -158,10 +158,28 @@ def check_reachable(uri: str) -> None:
 
 
 def _client(uri: str) -> MlflowClient:
-    from mlflow import MlflowClient
+    import logging
 
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "Creating initial MLflow database tables" chatter
     registry = os.environ.get("MLFLOW_REGISTRY_URI", "").strip() or uri
-    return MlflowClient(tracking_uri=uri, registry_uri=registry)
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=registry)
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow cannot use the tracking URI {uri} ({exc.message}); use a sqlite:/// or "
+                            "http(s):// URI, or unset MLFLOW_TRACKING_URI") from None
+
+
+def _existing_store(uri: str) -> str:
+    """Read-only commands must not create an empty store where none was meant to be."""
+    check_reachable(uri)
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise RegistryError(f"no MLflow store at {path} yet (nothing was tracked here); run a stage first, "
+                            "or point MLFLOW_TRACKING_URI at your store")
+    return uri
 
 
 def _not_found(exc: BaseException) -> bool:
@@ -678,7 +696,7 @@ def resolve_model(ref: str | ModelRef, *, uri: str | None = None) -> ModelVersio
     """Turn a reference into one concrete version, with an error that lists what exists."""
     mref = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
     store = tracking_uri(uri)
-    check_reachable(store)
+    _existing_store(store)
     client = _client(store)
     model = _registered_model(client, mref.name, store)
     versions = _versions(client, mref.name)
@@ -751,7 +769,7 @@ def register_model_dir(
 def list_models(*, uri: str | None = None) -> list[dict[str, Any]]:
     """Registered models with their versions and aliases, newest-updated first."""
     store = tracking_uri(uri)
-    check_reachable(store)
+    _existing_store(store)
     client = _client(store)
     rows = []
     for model in _all_registered(client):
@@ -779,6 +797,8 @@ def pull_model(ref: str, out: Path, *, uri: str | None = None) -> Path:
     Resolution is ours, download is by the version's own source: MLflow 3.17's
     ``download_artifacts("models:/...", registry_uri=...)`` ignores ``registry_uri`` and asks the
     process-global registry, which may be a different store."""
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise RegistryError(f"{out}: not empty; pull into a new or empty folder so no stale file is mixed in")
     info = resolve_model(ref, uri=uri)
     store = tracking_uri(uri)
     client = _client(store)
@@ -802,7 +822,7 @@ def promote(name: str, version: int, alias: str, *, uri: str | None = None) -> N
     """Point ``alias`` at ``version`` (moving it if another version had it)."""
     _check_alias(alias)
     store = tracking_uri(uri)
-    check_reachable(store)
+    _existing_store(store)
     client = _client(store)
     model = _registered_model(client, name, store)
     numbers = [int(mv.version) for mv in _versions(client, name)]

@@ -31,6 +31,7 @@ def test_bad_set_override_is_one_line(project_dir):
     (project_dir / "params.yaml").write_text("")
     result = runner.invoke(app, ["data", "fetch", "--set", "synth.image_size=abc"])
     assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
     assert "synth.image_size = 'abc' is invalid" in result.output
 
 
@@ -62,3 +63,18 @@ def test_missing_alias_is_one_line(registered, tmp_path):
     assert result.output.startswith("g2d: error: ") and "no alias 'nope'" in result.output
     latest = runner.invoke(app, ["models", "promote", "g2d-encoder", "1", "--alias", "latest"])
     assert latest.exit_code == 1 and "reserved" in latest.output
+
+
+def test_read_only_commands_do_not_create_a_store(project_dir, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 1 and "no MLflow store at" in result.output
+    assert not (project_dir / "mlflow.db").exists()
+
+
+def test_pull_refuses_a_folder_with_files(registered, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "old.txt").write_text("stale")
+    result = runner.invoke(app, ["models", "pull", "g2d-encoder/1", "--out", str(out)])
+    assert result.exit_code == 1 and "not empty; pull into a new or empty folder" in result.output

@@ -128,7 +128,7 @@ def test_empty_report_and_duplicates(tmp_path):
         df.loc[3, "image"] = "images/r2.png"
 
     rewrite(tmp_path, change)
-    assert problems(tmp_path) == {"empty report": [3], "duplicate rows": [5, 5]}
+    assert problems(tmp_path) == {"empty report": [3], "duplicate rows": [5]}  # one row, counted once
 
 
 def test_paths_that_leave_the_dataset(tmp_path):
@@ -142,6 +142,40 @@ def test_paths_that_leave_the_dataset(tmp_path):
     assert problems(tmp_path) == {"path leaves the dataset": [2, 3]}
     with pytest.raises(ManifestError, match=r"'../x.png' must be relative to the dataset folder, without '..'"):
         mf.resolve(tmp_path, "../x.png", "image")
+
+
+def test_bad_labels_missing_patients_boxes_without_label_and_rgb_masks_are_listed(tmp_path):
+    make_dataset(tmp_path)
+
+    def change(df):
+        df["opacity"] = df["opacity"].astype("string")
+        df.loc[2, "opacity"] = "2"
+        df.loc[1, "patient_id"] = ""
+        df.loc[0, "boxes"] = json.dumps([[1, 1, 4, 4]])
+        df.loc[3, "boxes"] = json.dumps([[True, 1, 4, 4, "x"]])
+
+    rewrite(tmp_path, change)
+    png(tmp_path / "masks" / "r2.png", np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
+    assert problems(tmp_path) == {"bad label": [4], "missing patient id": [3], "bad boxes": [2, 5],
+                                  "mask not binary": [4]}
+
+
+def test_empty_manifest_is_a_problem(tmp_path):
+    make_dataset(tmp_path)
+    mf.write_manifest(mf.read_manifest(tmp_path).iloc[:0], tmp_path)
+    report = mf.validate(tmp_path)
+    assert [p.check for p in report.problems] == ["empty manifest"]
+
+
+def test_a_dataset_is_a_folder_or_its_manifest_csv(tmp_path):
+    make_dataset(tmp_path)
+    (tmp_path / "other.csv").write_text("id,image\n")
+    with pytest.raises(ManifestError, match=r"other.csv: a dataset is a folder holding manifest.csv"):
+        mf.validate(tmp_path / "other.csv")
+    assert mf.validate(tmp_path / "manifest.csv").ok
+    (tmp_path / "images" / "r1.png").unlink()
+    with pytest.raises(ManifestError, match=r"names images/r1.png, which is missing; run `g2d data validate"):
+        mf.dataset_hash(tmp_path)
 
 
 def test_bad_label_values_and_missing_columns(tmp_path):

@@ -36,10 +36,10 @@ def clone(tmp_path_factory) -> tuple[Path, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    shutil.copy(repo / "params.tiny.yaml", repo / "params.yaml")
     sh("git", "init", "-q", cwd=repo, env=env)
     sh("git", "add", "-A", cwd=repo, env=env)
-    sh("git", "commit", "-qm", "clone", cwd=repo, env=env)
-    shutil.copy(repo / "params.tiny.yaml", repo / "params.yaml")
+    sh("git", "commit", "-qm", "clone with the tiny params", cwd=repo, env=env)
     return repo, env
 
 
@@ -76,12 +76,23 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "synth"  # named after the DVC stage
     assert run.data.tags["g2d.dvc_stage"] == "synth"
+    assert run.data.tags["g2d.git_dirty"] == "false"  # DVC removing its outputs does not dirty the tree
     assert run.data.tags["g2d.data_hash"] == metrics["data_hash"]
     assert run.data.params["synth.image_size"] == "64"
     names = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert {"synthcxr-pretrain", "synthcxr-pneumothorax", "synthcxr-opacity", "NLMCXR_reports.tgz"} <= set(names)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert "figures/contact_sheet.png" in artifacts
+
+    # pretrain: tracked, and its model registered; `models:/g2d-encoder/latest` resolves to it
+    pretrain = json.loads((repo / "metrics" / "pretrain.json").read_text())
+    assert pretrain["steps"] > 0 and pretrain["data_hash"] == metrics["sets"]["pretrain"]["sha256"]
+    [version] = client.search_model_versions("name='g2d-encoder'")
+    [exp] = [e for e in client.search_experiments() if e.name == "g2d-pretrain"]
+    [run] = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and version.run_id == run.info.run_id
+    pulled = sh("g2d", "models", "pull", "g2d-encoder/latest", "--out", str(repo / "pulled"), cwd=repo, env=env)
+    assert (repo / "pulled" / "model" / "model.safetensors").is_file(), pulled
 
 
 def test_notebook_runs_on_the_rendered_data(clone):

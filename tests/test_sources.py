@@ -111,3 +111,9 @@ def test_missing_source_is_one_clear_line(project_dir):
     assert result.exit_code == 1
     assert "g2d: error:" in result.output and "missing source file" in result.output
     assert "run `g2d data fetch`" in result.output
+
+
+def test_fetch_runs_on_defaults_without_a_params_file(project_dir):
+    result = CliRunner().invoke(app, ["data", "fetch"])
+    assert result.exit_code == 0, result.output
+    assert (project_dir / "data" / embedded.REPORTS.name).is_file()

@@ -11,6 +11,7 @@ from g2d.config import Synth
 from g2d.data import manifest as mf
 from g2d.data.sources import embedded
 from g2d.data.synthcxr import build
+from g2d.errors import DataError
 
 TINY = Synth(image_size=64, max_reports=24, pneumothorax={"count": 12}, opacity={"count": 12},
              splits={"val": 0.2, "test": 0.2}, workers=1)
@@ -85,6 +86,21 @@ def test_dropped_items_are_counted(built):
 
 def test_refuses_to_overwrite_a_foreign_folder(sources, tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
-    with pytest.raises(Exception, match=r"is not a SynthCXR folder"):
+    with pytest.raises(DataError, match=r"is not a SynthCXR folder"):
         build.build(TINY, sources, tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_an_interrupted_render_can_be_rerun_over_its_leftovers(built, sources, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_render_all", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build.build(TINY, sources, out)
+    assert json.loads((out / build.MARKER).read_text())["status"] == "rendering"
+    monkeypatch.undo()
+    again = build.build(TINY, sources, out)
+    assert again.info["pretrain"]["sha256"] == built.info["pretrain"]["sha256"]

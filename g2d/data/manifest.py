@@ -55,12 +55,21 @@ def write_manifest(rows: list[dict[str, Any]] | pd.DataFrame, folder: Path) -> P
     return path
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
-    """Read a manifest (the file, or the dataset folder holding it). Only the schema is checked
-    here; `validate` checks the files it points at."""
+def manifest_path(path: Path) -> Path:
+    """A dataset is addressed by its folder or by the folder's manifest.csv, nothing else: the files
+    a manifest names are relative to that folder."""
     path = Path(path)
     if path.is_dir():
-        path = path / MANIFEST
+        return path / MANIFEST
+    if path.name != MANIFEST and path.exists():
+        raise ManifestError(f"{path}: a dataset is a folder holding {MANIFEST}; pass the folder or its {MANIFEST}")
+    return path
+
+
+def read_manifest(path: Path, check_labels: bool = True) -> pd.DataFrame:
+    """Read a manifest (the file, or the dataset folder holding it). Only the schema is checked
+    here; `validate` checks the files it points at (and lists bad labels instead of raising)."""
+    path = manifest_path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest here; render one with `g2d data synth` or import a dataset")
     try:
@@ -74,7 +83,10 @@ def read_manifest(path: Path) -> pd.DataFrame:
         raw = df[col].str.strip()
         values = pd.to_numeric(raw.replace("", np.nan), errors="coerce")
         bad = df.index[raw.ne("") & ~values.isin(list(LABEL_VALUES))]
-        if len(bad):
+        if len(bad) and not check_labels:
+            values[bad] = np.nan
+            df.attrs.setdefault("bad_labels", {})[col] = [int(i) for i in bad]
+        elif len(bad):
             raise ManifestError(
                 f"{path}: label column '{col}' must hold 1, 0, -1 or empty; rows {_rows(bad)} hold "
                 f"{sorted(set(df.loc[bad, col]))[:5]}"
@@ -126,6 +138,8 @@ def dataset_hash(folder: Path, progress: Callable[[int], None] | None = None) ->
     h = hashlib.sha256((folder / MANIFEST).read_bytes())
     for rel in referenced_files(df):
         path = resolve(folder, rel, f"{folder / MANIFEST}")
+        if not path.is_file():
+            raise ManifestError(f"{folder / MANIFEST}: names {rel}, which is missing; run `g2d data validate {folder}`")
         h.update(rel.encode() + b"\0" + file_sha256(path).encode())
         if progress:
             progress(1)
@@ -184,19 +198,25 @@ def _load_image(path: Path) -> np.ndarray:
 
 def validate(folder: Path, progress: Callable[[int], None] | None = None) -> ValidationReport:
     """Check a dataset folder. Every problem lists the offending rows and how many there are."""
-    folder = Path(folder)
-    if folder.is_file():
-        folder = folder.parent
-    df = read_manifest(folder)
-    manifest = folder / MANIFEST
+    manifest = manifest_path(folder)
+    folder = manifest.parent
+    df = read_manifest(manifest, check_labels=False)
     found: dict[tuple[str, str], list[int]] = {}
 
     def add(check: str, message: str, i: int) -> None:
         found.setdefault((check, message), []).append(int(i) + 2)
 
-    for col in ("id", "image"):
-        for i in df.index[df[col].duplicated(keep="first")]:
-            add("duplicate rows", f"{col} {df.at[i, col]!r} appears more than once", i)
+    if df.empty:
+        found[("empty manifest", "the manifest has a header but no rows")] = []
+    for col, rows in df.attrs.get("bad_labels", {}).items():
+        for i in rows:
+            add("bad label", f"label column '{col}' must hold 1, 0, -1 or empty", i)
+    repeated = df["id"].duplicated(keep="first") | df["image"].duplicated(keep="first")
+    for i in df.index[repeated]:
+        add("duplicate rows", f"id {df.at[i, 'id']!r} or image {df.at[i, 'image']!r} appears earlier", i)
+    if "patient_id" in df.columns:
+        for i in df.index[df["patient_id"].str.strip() == ""]:
+            add("missing patient id", "patient_id is empty (splits are by patient)", i)
     if "split" in df.columns:
         for i in df.index[~df["split"].isin(SPLITS)]:
             add("bad split", f"split must be one of {', '.join(SPLITS)}", i)
@@ -271,7 +291,9 @@ def _check_mask(folder: Path, rel: str, what: str, size, i: int, add) -> None:
         add("undecodable image", f"{what} cannot be decoded ({type(e).__name__})", i)
         return
     values = set(np.unique(arr).tolist())
-    if not (values <= {0, 1} or values <= {0, 255} or values <= {False, True}):
+    if arr.ndim != 2:
+        add("mask not binary", f"{what} must be a single-channel image", i)
+    elif not (values <= {0, 1} or values <= {0, 255} or values <= {False, True}):
         add("mask not binary", f"{what} holds values other than 0 and 1 / 255", i)
     if size is not None and (arr.shape[1], arr.shape[0]) != size:
         add("mask size", f"{what} is not the size of its image", i)
@@ -293,8 +315,9 @@ def _parse_json(row: pd.Series, col: str, i: int, add) -> list:
 
 
 def _check_box(box, size, i: int, add) -> None:
-    if not (isinstance(box, list) and len(box) >= 4 and all(isinstance(v, int | float) for v in box[:4])):
-        add("bad boxes", "a box must be [x0, y0, x1, y1, label]", i)
+    if not (isinstance(box, list) and len(box) == 5 and isinstance(box[4], str) and box[4]
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box[:4])):
+        add("bad boxes", "a box must be [x0, y0, x1, y1, label] with numbers and a label", i)
         return
     x0, y0, x1, y1 = box[:4]
     if not (x0 < x1 and y0 < y1):

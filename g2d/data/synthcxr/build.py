@@ -165,7 +165,7 @@ def plan_opacity(cfg: Synth, patients: list[rsna.RSNAPatient], fields: list, res
     n_neg = cfg.opacity.count - n_pos
     positives = sorted((p for p in patients if p.positive), key=lambda p: p.patient_id)
     negatives = sorted((p for p in patients if not p.positive), key=lambda p: p.patient_id)
-    jobs, boxes_outside, patients_outside = [], 0, 0
+    jobs, boxes_outside, patients_outside, clipped = [], 0, 0, 0
     for k in rng.permutation(len(positives)):
         if len(jobs) == n_pos:
             break
@@ -173,6 +173,7 @@ def plan_opacity(cfg: Synth, patients: list[rsna.RSNAPatient], fields: list, res
         kept, found = [], []
         for b in patient.boxes:
             box = tuple(min(max(v * scale, 0.0), float(size)) for v in b)
+            clipped += box != tuple(v * scale for v in b)
             region = box_region(box, size)
             if not region.any() or _overlap(region, fields[lung].mask) < MIN_REGION_OVERLAP:
                 boxes_outside += 1
@@ -188,6 +189,7 @@ def plan_opacity(cfg: Synth, patients: list[rsna.RSNAPatient], fields: list, res
                         boxes=tuple(kept)))
     result.dropped["RSNA boxes mostly outside the chosen lung field"] = boxes_outside
     result.dropped["RSNA patients with no usable box"] = patients_outside
+    result.dropped["RSNA boxes clipped to the image (kept)"] = clipped
     negative_ids = [f"rsna-{p.patient_id}" for p in negatives]
     return _add_negatives("opacity", jobs, n_pos, n_neg, negative_ids, len(fields), rng)
 
@@ -262,7 +264,9 @@ def _check_out(out: Path) -> None:
 def _prepare_out(out: Path) -> None:
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (*SETS, MARKER):
+    # claim the folder first, so an interrupted render can be re-run over its own leftovers
+    (out / MARKER).write_text(json.dumps({"status": "rendering"}) + "\n")
+    for name in SETS:
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -359,6 +363,7 @@ def build(cfg: Synth, sources_dir: Path, out: Path, reporter: Reporter = silent)
         result.dropped[f"{name}: findings whose drawn mask was empty"] = empty[name]
         result.info[name] = _finish_set(name, rows[name], cfg, out, reporter)
         mf.write_info(out / name, result.info[name])
-    summary = {"sets": result.info, "dropped": result.dropped, "mesh_heads_not_drawn": dict(result.not_drawn)}
+    summary = {"status": "complete", "sets": result.info, "dropped": result.dropped,
+               "mesh_heads_not_drawn": dict(result.not_drawn)}
     (out / MARKER).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return result

@@ -151,6 +151,7 @@ def findings_for(mesh: tuple[str, ...], rng: np.random.Generator) -> tuple[list[
             not_drawn[term.split("/")[0].strip()] += 1
         for f in got:
             if f.kind in BILATERAL_KINDS and any(g.kind == f.kind for g in findings):
+                not_drawn[f"{f.kind} (already drawn for another term)"] += 1
                 continue
             findings.append(f)
     return findings, not_drawn
