@@ -17,7 +17,7 @@ def write(tmp_path: Path, data: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params.tiny.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "params.tiny.yaml", "params.paper.yaml"])
 def test_committed_params_are_valid_and_complete(name):
     raw = yaml.safe_load((ROOT / name).read_text())
     params = load_params(ROOT / name)
