@@ -240,8 +240,9 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None) -> Val
                 continue
             if f.get("mask"):
                 masks.append((f"findings[{k}].mask", f["mask"]))
-            if "box" in f:
-                boxes.append(f["box"])
+            if "box" in f:  # a finding's box is [x0, y0, x1, y1]; its label is the finding's kind
+                box = f["box"]
+                boxes.append([*box, str(f.get("kind") or "finding")] if isinstance(box, list) else box)
         for what, rel in masks:
             _check_mask(folder, rel, what, size, i, add)
         for box in boxes:

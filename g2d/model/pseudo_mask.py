@@ -30,8 +30,8 @@ def otsu_body_mask(images: torch.Tensor, bins: int = 64) -> torch.Tensor:
     w0 = p.cumsum(1)
     mu = (p * levels).cumsum(1)
     between = (mu[:, -1:] * w0 - mu) ** 2 / (w0 * (1 - w0)).clamp_min(1e-12)
-    threshold = levels[between.argmax(1)].view(b, 1, 1, 1)
-    return images > threshold
+    last_background_bin = between.argmax(1, keepdim=True)  # bins up to here are background
+    return (idx > last_background_bin).reshape(images.shape)
 
 
 def quantile_binarise(values: torch.Tensor, inside: torch.Tensor, q: float) -> torch.Tensor:

@@ -159,7 +159,9 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
             batches = [order[i * p.batch_size:(i + 1) * p.batch_size] for i in range(steps_per_epoch)]
             loader = DataLoader(train, batch_sampler=batches[done_in_epoch:], collate_fn=collate,
                                 num_workers=p.num_workers, worker_init_fn=seed_worker,
-                                persistent_workers=False)
+                                # its own generator: a loader must not draw from the global RNG, or a
+                                # resumed run's dropout would differ from an uninterrupted one's
+                                generator=torch.Generator().manual_seed(params.seed * 1000 + epoch))
             model.train()
             for batch in loader:
                 with runtime.autocast(dev):
