@@ -154,6 +154,13 @@ class Pretrain(Strict):
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     register_as: str = Field("g2d-encoder", description="registered model name")
 
+    @field_validator("image_size")
+    @classmethod
+    def _stride(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32 (the encoder stride), got {v}; e.g. {v // 32 * 32 or 32}")
+        return v
+
 
 class Params(Strict):
     seed: int = Field(42, ge=0, description="global seed of the training stages")

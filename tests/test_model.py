@@ -197,3 +197,18 @@ def test_a_tiny_training_run_lowers_the_loss(model, tokenizer):
         opt.step()
         losses.append(out.total.item())
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_shuffle_never_leaves_an_image_its_own_mask():
+    attention, images = _attention_and_images()
+    base = PseudoMask(smooth=False)
+    plain = pseudo_mask(attention, images, base)
+    for seed in range(5):
+        shuffled = pseudo_mask(attention, images, base.model_copy(update={"shuffle": True}),
+                               torch.Generator().manual_seed(seed))
+        assert all(not torch.equal(shuffled[i], plain[i]) for i in range(len(plain)))
+
+
+def test_training_size_must_fit_the_encoder_stride():
+    with pytest.raises(ConfigError, match=r"pretrain.image_size = 100 is invalid: must be a multiple of 32"):
+        validate({"pretrain": {"image_size": 100}})

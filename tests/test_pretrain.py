@@ -110,6 +110,12 @@ def test_resume_after_a_crash_ends_with_the_same_weights(project, monkeypatch):
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
 
 
+def test_resume_refuses_a_checkpoint_of_another_run(project):
+    pretrain.run(params(project, "pretrain.max_steps=2", "pretrain.checkpoint_every=1"))
+    with pytest.raises(pretrain.runtime.CheckpointError, match=r"written by a different run \(seed 42 != 7\)"):
+        pretrain.run(params(project, "pretrain.max_steps=2", "pretrain.checkpoint_every=1", "seed=7"), resume=True)
+
+
 def test_resume_refuses_a_corrupt_or_foreign_checkpoint(project):
     ckpt = project / "models" / "pretrain-checkpoints" / "checkpoint.pt"
     ckpt.parent.mkdir(parents=True)

@@ -20,8 +20,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def info_nce(image: torch.Tensor, text: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """Symmetric InfoNCE over L2-normalised embeddings: each image's report is its positive and every
     other report in the (global) batch a negative, and the same from the reports' side."""
-    image = F.normalize(gather_with_grad(image), dim=-1)
-    text = F.normalize(gather_with_grad(text), dim=-1)
+    # in fp32 even under bf16 autocast: logits near 1 / tau = 14 cannot be told apart in bf16
+    image = F.normalize(gather_with_grad(image).float(), dim=-1)
+    text = F.normalize(gather_with_grad(text).float(), dim=-1)
     logits = image @ text.T / temperature
     target = torch.arange(len(logits), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -37,9 +38,9 @@ class DenseLoss(torch.nn.Module):
         self.loss = DiceCELoss(sigmoid=True, lambda_dice=0.5, lambda_ce=0.5)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits, target)
+        return self.loss(logits.float(), target.float())
 
 
 def reconstruction_loss(output: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """The reconstruction pretext of the paper's Table 5a: the decoder redraws the image."""
-    return F.mse_loss(torch.sigmoid(output), images)
+    return F.mse_loss(torch.sigmoid(output.float()), images.float())

@@ -35,12 +35,11 @@ def otsu_body_mask(images: torch.Tensor, bins: int = 64) -> torch.Tensor:
 
 
 def quantile_binarise(values: torch.Tensor, inside: torch.Tensor, q: float) -> torch.Tensor:
-    """1 where a pixel's value is above the q-quantile of the values inside `inside`, per image."""
-    b = values.shape[0]
-    flat, keep = values.reshape(b, -1), inside.reshape(b, -1)
-    masked = torch.where(keep, flat, torch.full_like(flat, float("nan")))
-    cut = torch.nanquantile(masked, q, dim=1, keepdim=True)
-    return ((flat > cut) & keep).reshape(values.shape)
+    """1 where a pixel's value is above the q-quantile of the values inside `inside`, per image.
+    (Per image, not one nanquantile over the batch: torch's quantile refuses inputs over 2^24 values.)"""
+    flat, keep = values.reshape(values.shape[0], -1), inside.reshape(values.shape[0], -1)
+    cuts = torch.stack([torch.quantile(v[k], q) if k.any() else v.max() for v, k in zip(flat, keep, strict=True)])
+    return ((flat > cuts[:, None]) & keep).reshape(values.shape)
 
 
 def bilateral_smooth(mask: torch.Tensor, guide: torch.Tensor, kernel: int, sigma_space: float,
@@ -73,9 +72,8 @@ def pseudo_mask(attention: torch.Tensor, images: torch.Tensor, cfg: PseudoMask,
     if cfg.smooth:
         mask = bilateral_smooth(mask, images.float(), cfg.smooth_kernel, cfg.smooth_sigma_space,
                                 cfg.smooth_sigma_range) & inside
-    if cfg.shuffle and mask.shape[0] > 1:
-        perm = torch.randperm(mask.shape[0], generator=generator, device="cpu")
-        if (perm == torch.arange(len(perm))).all():
-            perm = perm.roll(1)
-        mask = mask[perm.to(mask.device)]
+    if cfg.shuffle and mask.shape[0] > 1:  # every image gets another image's mask, never its own
+        b = mask.shape[0]
+        shift = int(torch.randint(1, b, (1,), generator=generator))
+        mask = mask[(torch.arange(b) + shift) % b]
     return mask.float()

@@ -81,10 +81,17 @@ class TextTower(nn.Module):
         if cfg.text_frozen_layers > len(layers):
             raise ConfigError(f"model.text_frozen_layers = {cfg.text_frozen_layers}, but {cfg.text_model!r} has "
                               f"{len(layers)} layers")
-        if cfg.text_frozen_layers:
-            for module in [self.bert.embeddings, *layers[: cfg.text_frozen_layers]]:
-                module.requires_grad_(False)
+        self.frozen = [self.bert.embeddings, *layers[: cfg.text_frozen_layers]] if cfg.text_frozen_layers else []
+        for module in self.frozen:
+            module.requires_grad_(False)
         self.hidden_size = self.bert.config.hidden_size
+
+    def train(self, mode: bool = True) -> TextTower:
+        """Frozen layers stay in eval mode: no dropout noise on features nothing trains."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask)

@@ -39,10 +39,14 @@ def load(folder: Path):
     for name in (WEIGHTS, CONFIG):
         if not (folder / name).is_file():
             raise ModelFilesError(f"{folder}: missing {name}; is this a folder from `g2d models pull`?")
-    config = yaml.safe_load((folder / CONFIG).read_text())
-    cfg = Model.model_validate(config["model"])
+    try:
+        config = yaml.safe_load((folder / CONFIG).read_text())
+        cfg = Model.model_validate(config["model"])
+        image_size = int(config["image_size"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise ModelFilesError(f"{folder / CONFIG}: not a g2d model config ({type(e).__name__}: {e})") from None
     tokenizer = load_tokenizer(cfg)
-    model = G2D(cfg, tokenizer.vocab_size, int(config["image_size"]))
+    model = G2D(cfg, tokenizer.vocab_size, image_size)
     try:
         load_model(model, str(folder / WEIGHTS), strict=True)
     except (RuntimeError, OSError) as e:

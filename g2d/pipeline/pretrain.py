@@ -1,6 +1,9 @@
 """The `pretrain` stage: train G2D on the pre-training manifest, log it to MLflow, write
 `metrics/pretrain.json`, export the model folder and register it as `g2d-encoder`.
 
+Single process (one CPU or GPU); distributed training under torchrun is not built yet, though the
+InfoNCE negatives are already gathered across ranks when a process group exists.
+
 Resumable: a checkpoint (model, optimizer, scheduler, step, epoch, RNG states) is written every
 `checkpoint_every` steps next to the output; `--resume` continues from it. The data order of an
 epoch depends only on (seed, epoch), so a resumed run skips exactly the batches already seen.
@@ -48,12 +51,14 @@ def paths(params: Params) -> tuple[Path, Path, Path, Path]:
 
 
 def lr_lambda(warmup: int, total: int):
-    """Linear warm-up, then cosine decay to zero at the last step."""
+    """Linear warm-up to the peak at step `warmup` (capped to the run), then cosine decay to zero at
+    the last step."""
+    warmup = min(warmup, max(total - 1, 0))
 
     def f(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(total - warmup, 1)
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(total - 1 - warmup, 1)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return f
@@ -124,23 +129,31 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(p.warmup_steps, total))
     step, history = 0, {"pseudo_mask_iou": [], "loss": []}
     ckpt_path = ckpt_dir / CHECKPOINT
+    # what a checkpoint must agree on to be resumed: the networks, the training recipe, the data
+    identity = {**{f"model.{k}": v for k, v in to_dict(cfg).items()},
+                **{f"pretrain.{k}": v for k, v in to_dict(p).items()},
+                "seed": params.seed, "data_hash": info.get("sha256"), "split_hash": split_hash}
     if resume:
         state = runtime.load_checkpoint(ckpt_path)
-        if state.get("config") != to_dict(params)["model"] | {"pretrain": to_dict(params)["pretrain"]}:
-            raise runtime.CheckpointError(f"{ckpt_path}: was written with other model / pretrain params; "
-                                          "resume with the same params or start fresh")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, history = int(state["step"]), json.loads(state["history"])
-        runtime.set_rng_state(state["rng"])
+        saved = json.loads(state.get("identity", "{}")) if isinstance(state.get("identity"), str) else {}
+        differ = [f"{k} {saved.get(k)!r} != {v!r}" for k, v in identity.items() if saved.get(k) != v]
+        if differ:
+            raise runtime.CheckpointError(f"{ckpt_path}: written by a different run ({'; '.join(differ[:4])}); "
+                                          "resume with the same params and data, or start without --resume")
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, history = int(state["step"]), json.loads(state["history"])
+            runtime.set_rng_state(state["rng"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise runtime.CheckpointError(f"{ckpt_path}: incomplete or mismatched checkpoint ({e})") from None
 
     def checkpoint() -> None:
         runtime.save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "step": step, "epoch": step // steps_per_epoch, "rng": runtime.rng_state(),
-            "history": json.dumps(history),
-            "config": to_dict(params)["model"] | {"pretrain": to_dict(params)["pretrain"]}})
+            "history": json.dumps(history), "identity": json.dumps(identity)})
 
     tags = {"g2d.split_hash": split_hash, "g2d.seed": str(params.seed), "g2d.resumed_from_step": str(step)}
     with tracking.start_run("pretrain", config=to_dict(params), data_hash=info.get("sha256"), tags=tags,
@@ -167,6 +180,12 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
                 with runtime.autocast(dev):
                     losses = model.losses(batch["image"].to(dev), batch["input_ids"].to(dev),
                                           batch["attention_mask"].to(dev), p, dense_on=step >= p.dense_warmup_steps)
+                values = {k: float(v.detach()) for k, v in (("total", losses.total), ("global", losses.global_),
+                                                            ("dense", losses.dense))}
+                if not math.isfinite(values["total"]):  # before the weights take it in
+                    raise DataError(f"pre-training loss is {values['total']} at step {step + 1}; batch ids "
+                                    f"{batch['id'][:8]}; lower pretrain.lr or check these images")
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 optimizer.zero_grad(set_to_none=True)
                 losses.total.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
@@ -175,27 +194,22 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
                 step += 1
                 seen += len(batch["id"])
                 advance(1)
-                if not math.isfinite(float(losses.total.detach())):
-                    raise DataError(f"pre-training loss is {float(losses.total.detach())} at step {step}; batch ids "
-                                    f"{batch['id'][:8]}; lower pretrain.lr or check these images")
                 if step % p.log_every == 0 or step == total:
                     rate = seen / max(time.perf_counter() - started, 1e-9)
-                    values = {k: float(v.detach()) for k, v in (("total", losses.total), ("global", losses.global_),
-                                                                ("dense", losses.dense))}
                     history["loss"].append([step, values["total"]])
-                    tr.log_metrics({**{f"loss/{k}": v for k, v in values.items()}, "lr": scheduler.get_last_lr()[0],
-                                    "pairs_per_s": rate}, step=step)
+                    tr.log_metrics({**{f"loss/{k}": v for k, v in values.items()}, "lr": lr, "pairs_per_s": rate},
+                                   step=step)
                 if step % p.grid_every == 0 or step == total:
                     path = _grid(model, grid_batch, p, dev, step, grid_dir / f"attention_step{step:06d}.png")
                     tr.log_artifact(path, "figures")
-                if step % p.checkpoint_every == 0 and step < total:
-                    checkpoint()
                 if step % steps_per_epoch == 0 or step == total:
                     model.eval()
                     quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
                     model.train()
                     history["pseudo_mask_iou"].append([step, quality.get("pseudo_mask_iou", float("nan"))])
                     tr.log_metrics({f"val/{k}": v for k, v in quality.items()}, step=step)
+                if step % p.checkpoint_every == 0 and step < total:  # after the epoch's evaluation
+                    checkpoint()
                 if step >= total:
                     break
         checkpoint()
@@ -229,7 +243,8 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
 def _grid_rows(val: PairDataset, n: int) -> list[int]:
     """Val rows with rendered findings first, so the grid shows where the model should look."""
     with_findings = [i for i, f in enumerate(val.rows.get("findings", [])) if f and f != "[]"]
-    rest = [i for i in range(len(val)) if i not in set(with_findings)]
+    chosen = set(with_findings)
+    rest = [i for i in range(len(val)) if i not in chosen]
     return (with_findings + rest)[:n]
 
 
@@ -241,7 +256,7 @@ def _grid(model, batch: dict, p, dev, step: int, path: Path) -> Path:
     model.eval()
     images = batch["image"].to(dev)
     image = model.encode_image(images)
-    masks = pseudo_mask(image.attention, images, p.pseudo_mask)
+    masks = pseudo_mask(image.attention, images, p.pseudo_mask.model_copy(update={"shuffle": False}))
     model.train(was_training)
     return figures.attention_grid(images, image.attention, masks, batch.get("mask"), batch["id"],
                                   f"step {step}: attention, pseudo mask, rendered findings", path)

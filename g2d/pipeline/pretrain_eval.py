@@ -16,7 +16,9 @@ def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> d
     target = torch.arange(n)
     out = {}
     for name, sim in (("i2t", similarity), ("t2i", similarity.T)):
-        rank = (sim > sim[target, target].unsqueeze(1)).sum(1)  # how many beat the true match
+        # ties count against the model: a collapsed model (all scores equal) must score 0, and a
+        # report identical to the true one is no evidence the model found the right pair
+        rank = (sim >= sim[target, target].unsqueeze(1)).sum(1) - 1
         for k in ks:
             out[f"{name}_R@{k}"] = float((rank < k).float().mean())
     return out
@@ -45,7 +47,8 @@ def pseudo_mask_quality(model, loader, cfg: PseudoMask, dev) -> dict[str, float]
         if not has.any():
             continue
         image = model.encode_image(batch["image"].to(dev))
-        masks = pseudo_mask(image.attention, batch["image"].to(dev), cfg).cpu().bool()[has]
+        masks = pseudo_mask(image.attention, batch["image"].to(dev), cfg.model_copy(update={"shuffle": False}))
+        masks = masks.cpu().bool()[has]
         true = batch["mask"][has]
         i = (masks & true).flatten(1).sum(1).float()
         u = (masks | true).flatten(1).sum(1).float()
