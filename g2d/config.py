@@ -133,7 +133,7 @@ class Pretrain(Strict):
 
     image_size: int = Field(128, ge=32, le=1024, description="training resolution (paper: 224)")
     batch_size: int = Field(32, ge=2)
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(4, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs); null = all epochs")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
