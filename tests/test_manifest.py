@@ -209,3 +209,17 @@ def test_cli_info(tmp_path):
     assert info["rows"] == 4 and info["splits"] == {"train": 2, "val": 1, "test": 1}
     assert info["prevalence"] == {"opacity": 0.5}
     assert info["sha256"] == mf.dataset_hash(tmp_path)
+
+
+def test_fraction_files_are_checked_against_dataset_json(tmp_path):
+    from g2d.data import splits
+
+    make_dataset(tmp_path)
+    mf.write_info(tmp_path, {"fractions": splits.write_fractions(tmp_path, {0.5: ["r0"], 1.0: ["r0", "r1"]})})
+    assert mf.validate(tmp_path).ok
+    (tmp_path / "fractions" / "train_0.5.txt").write_text("r0\nr3\n")  # edited, and r3 is a test row
+    (tmp_path / "fractions" / "train_1.txt").unlink()
+    messages = sorted(p.message for p in mf.validate(tmp_path).problems)
+    assert messages == ["fraction 0.5 (fractions/train_0.5.txt): 1 ids not in the train split, e.g. 'r3'",
+                        "fraction 0.5 (fractions/train_0.5.txt): sha256 differs from dataset.json",
+                        "fraction 1 (fractions/train_1.txt): file is missing"]

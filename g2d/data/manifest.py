@@ -250,6 +250,7 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None) -> Val
         if progress:
             progress(1)
 
+    _check_fractions(folder, df, found)
     problems = [Problem(check, msg, rows) for (check, msg), rows in found.items()]
     problems.sort(key=lambda p: (p.check, p.rows[:1]))
     return ValidationReport(manifest, len(df), problems)
@@ -325,3 +326,25 @@ def _check_box(box, size, i: int, add) -> None:
         add("bad boxes", "a box needs x0 < x1 and y0 < y1", i)
     elif size is not None and (x0 < 0 or y0 < 0 or x1 > size[0] or y1 > size[1]):
         add("box outside the image", "a box lies outside the image", i)
+
+
+def _check_fractions(folder: Path, df: pd.DataFrame, found: dict) -> None:
+    """The label-fraction files recorded in dataset.json: present, unchanged (sha256), and naming
+    only rows of the train split, so a run that trains on a fraction sees what was hashed."""
+    train = set(df.loc[df["split"] == "train", "id"]) if "split" in df.columns else set(df["id"])
+    for frac, entry in read_info(folder).get("fractions", {}).items():
+        where = f"fraction {frac} ({entry.get('file')})"
+        try:
+            path = resolve(folder, entry["file"], where)
+        except (KeyError, ManifestError):
+            found[("bad fraction", f"{where}: no valid file in dataset.json")] = []
+            continue
+        if not path.is_file():
+            found[("bad fraction", f"{where}: file is missing")] = []
+            continue
+        data = path.read_bytes()
+        if sha256_bytes(data) != entry.get("sha256"):
+            found[("bad fraction", f"{where}: sha256 differs from dataset.json")] = []
+        outside = [i for i in data.decode().split() if i not in train]
+        if outside:
+            found[("bad fraction", f"{where}: {len(outside)} ids not in the train split, e.g. {outside[0]!r}")] = []
