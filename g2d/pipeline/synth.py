@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from g2d import tracking
-from g2d.config import Params, dump_yaml, resolve_path, to_dict
+from g2d.config import Params, resolve_path, to_dict
 from g2d.data import manifest as mf
 from g2d.data.sources import embedded
 from g2d.data.synthcxr import build, contact_sheet
@@ -48,7 +50,10 @@ def run(params: Params, reporter: Reporter = silent) -> SynthOutcome:
         data_hash = combined_hash(result.info)
         tr.set_tag("g2d.data_hash", data_hash)
 
-        dump_yaml(params, out / "params.yaml")  # the effective config, beside the output
+        # the effective config beside the output: only the sections this stage reads, so that changing
+        # another stage's params never changes (and re-runs) this output
+        (out / "params.yaml").write_text(yaml.safe_dump({k: to_dict(params)[k] for k in ("paths", "synth")},
+                                                        sort_keys=False))
         sheet = contact_sheet.write_pretrain_sheet(out / "pretrain", out / "contact_sheet.png",
                                                    params.synth.contact_sheet)
         seg_sheet = contact_sheet.write_segmentation_sheet(
