@@ -190,6 +190,65 @@ def pretrain(
                f"latest) from {outcome.model_dir}  (MLflow run {outcome.run_id})")
 
 
+@app.command("train")
+@handles_errors
+def train(
+    task: Annotated[str | None, typer.Option("--task", help="siim-seg, rsna-seg, chexpert-cls, rsna-cls, covidx-cls, "
+                                             "rsna-det or object-cxr-det (default: finetune.task)")] = None,
+    frac: Annotated[str, typer.Option("--frac", help="label fraction of train, in (0, 1]")] = "0.01",
+    init: Annotated[str | None, typer.Option("--init", help="a name in finetune.inits (g2d, global, random), a model "
+                                             "folder or checkpoint, or a registered model (models:/g2d-encoder/latest)"
+                                             )] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="default: params seed")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Fine-tune on a label fraction, test at the best validation step, register g2d-<task> (the
+    `finetune` DVC stage)."""
+    from g2d.pipeline import finetune
+    from g2d.progress import rich_progress
+
+    cfg = _params(params, set_)
+    with rich_progress() as reporter:
+        outcome = finetune.run(cfg, task=task, frac=frac, init=init, seed=seed, reporter=reporter)
+    m = outcome.metrics
+    typer.echo(f"{m['task']} {m['frac']:.0%} labels ({m['train_images']} images), init {m['init']}: test "
+               f"{m['metric']} {m['score']:.4f}  (best val {m['val_best']:.4f} at step {m['best_step']}/{m['steps']})")
+    typer.echo(f"registered {outcome.registered} version {outcome.version}; metrics {outcome.metrics_path}  "
+               f"(MLflow run {outcome.run_id})")
+
+
+@app.command("evaluate")
+@handles_errors
+def evaluate(
+    model: Annotated[str, typer.Option("--model", help="registered model (models:/g2d-siim-seg/latest, NAME@ALIAS) "
+                                       "or a model folder")],
+    task: Annotated[str | None, typer.Option("--task", help="default: finetune.task")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Score a fine-tuned model on the test split of a task."""
+    from g2d.pipeline import finetune
+    from g2d.progress import rich_progress
+
+    cfg = _params(params, set_)
+    with rich_progress() as reporter:
+        out = finetune.evaluate(cfg, task, model, reporter)
+    scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in out["test"].items())
+    typer.echo(f"{out['task']} test, {out['model']}: {scores}  (MLflow run {out['run_id']})")
+
+
+@app.command("report")
+@handles_errors
+def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Gather metrics/finetune/*.json into reports/results.md and the learning curves (the `report` stage)."""
+    from g2d.pipeline import report as stage
+
+    cfg = _params(params, set_)
+    outcome = stage.run(cfg)
+    typer.echo(f"{outcome.cells} results -> {outcome.markdown}, {outcome.figure}  (MLflow run {outcome.run_id})")
+
+
 # ---------------------------------------------------------------- models
 
 

@@ -153,12 +153,101 @@ class Pretrain(Strict):
     eval_images: int = Field(256, ge=8, description="val images for the per-epoch pseudo-mask IoU")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     register_as: str = Field("g2d-encoder", description="registered model name")
+    name: str = Field("pretrain", pattern=r"^[A-Za-z0-9_-]+$",
+                      description="output names: models/<name>, metrics/<name>.json (e.g. pretrain-global)")
 
     @field_validator("image_size")
     @classmethod
     def _stride(cls, v: int) -> int:
-        if v % 32:
-            raise ValueError(f"must be a multiple of 32 (the encoder stride), got {v}; e.g. {v // 32 * 32 or 32}")
+        return _multiple_of_32(v)
+
+
+def _multiple_of_32(v: int) -> int:
+    if v % 32:
+        raise ValueError(f"must be a multiple of 32 (the encoder stride), got {v}; e.g. {v // 32 * 32 or 32}")
+    return v
+
+
+# Downstream tasks, named after the datasets of the paper's tables; g2d/data/tasks.py says what each is.
+TASK_NAMES = ("siim-seg", "rsna-seg", "chexpert-cls", "rsna-cls", "covidx-cls", "rsna-det", "object-cxr-det")
+Task = Literal["siim-seg", "rsna-seg", "chexpert-cls", "rsna-cls", "covidx-cls", "rsna-det", "object-cxr-det"]
+
+
+class Steps(Strict):
+    """A short, step-based fine-tuning recipe (AdamW, constant rate), validated every `eval_every` steps and
+    stopped after `patience` validations without improvement; the best validation state is kept."""
+
+    batch_size: int = Field(16, ge=1)
+    max_steps: int = Field(60, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    eval_every: int = Field(20, ge=1)
+    patience: int = Field(2, ge=1, description="validations without improvement before stopping")
+
+
+class Segmentation(Steps):
+    freeze_encoder: bool = Field(True, description="the paper's protocol: only the decoder trains")
+    transfer: Literal["encoder", "encoder_decoder"] = Field(
+        "encoder", description="what the pre-trained model gives: the encoder, or the encoder and its U-Net decoder"
+    )
+    threshold: float = Field(0.5, gt=0, lt=1, description="on the sigmoid, for Dice")
+
+
+class Probe(Steps):
+    """Linear probe: the frozen encoder's pooled C5 features (standardised on train), one linear layer."""
+
+    batch_size: int = Field(256, ge=1)
+    max_steps: int = Field(300, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    eval_every: int = Field(25, ge=1)
+    patience: int = Field(4, ge=1)
+
+
+class Detection(Steps):
+    """torchvision RetinaNet on the encoder's last three feature maps with an FPN."""
+
+    freeze_encoder: bool = Field(True, description="the paper's protocol: the pre-trained backbone stays fixed")
+    fpn_channels: int = Field(128, ge=8)
+    score_threshold: float = Field(0.05, ge=0, lt=1, description="detections kept for mAP")
+    detections_per_image: int = Field(20, ge=1)
+
+
+class Finetune(Strict):
+    """`g2d train`: one task, one label fraction, one initialisation."""
+
+    task: Task = Field("siim-seg", description="default --task")
+    init: str = Field("g2d", description="default --init: a name in `inits`, a model folder / checkpoint path, a "
+                      "registered model (models:/NAME/latest, NAME@ALIAS) or 'random'")
+    inits: dict[str, str] = Field(
+        {"g2d": "models/pretrain", "global": "models/pretrain-global", "random": "random"},
+        description="short names for --init (the finetune matrix's inits)",
+    )
+    datasets: dict[Task, str] = Field({}, description="task -> dataset folder; absent = the SynthCXR default")
+    image_size: int = Field(128, ge=32, le=1024, description="input size (the pre-training size)")
+    overlays: int = Field(8, ge=1, le=32, description="test images drawn with their predictions")
+    segmentation: Segmentation = Segmentation()
+    probe: Probe = Probe()
+    detection: Detection = Detection(lr=5e-4)
+
+    @field_validator("image_size")
+    @classmethod
+    def _stride(cls, v: int) -> int:
+        return _multiple_of_32(v)
+
+
+class Matrix(Strict):
+    """The `finetune` DVC stage's matrix (dvc.yaml reads these lists): tasks x fractions x inits."""
+
+    tasks: tuple[Task, ...] = Field(("siim-seg", "rsna-seg", "chexpert-cls", "rsna-det"), min_length=1)
+    fractions: tuple[float, ...] = Field((0.01, 0.1, 1.0), min_length=1)
+    inits: tuple[str, ...] = Field(("g2d", "global", "random"), min_length=1)
+
+    @field_validator("fractions")
+    @classmethod
+    def _in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        for f in v:
+            if not 0 < f <= 1:
+                raise ValueError(f"every fraction must be in (0, 1], got {f}")
         return v
 
 
@@ -169,6 +258,16 @@ class Params(Strict):
     synth: Synth = Synth()
     model: Model = Model()
     pretrain: Pretrain = Pretrain()
+    finetune: Finetune = Finetune()
+    matrix: Matrix = Matrix()
+
+    @model_validator(mode="after")
+    def _matrix_inits_named(self) -> Params:
+        unknown = [i for i in self.matrix.inits if i not in self.finetune.inits]
+        if unknown:
+            raise ValueError(f"matrix.inits {unknown} are not names in finetune.inits "
+                             f"({', '.join(self.finetune.inits)}); add them there or use those names")
+        return self
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -197,8 +296,8 @@ def _format_error(err: dict[str, Any], source: str) -> str:
         return f"{source}: unknown key '{key}': {hint}allowed here: {', '.join(allowed)}"
     value = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
-    if isinstance(value, dict):  # a rule across keys of one section
-        return f"{source}: {key}: {msg}"
+    if isinstance(value, dict):  # a rule across keys of one section (or of the whole file)
+        return f"{source}: {key}: {msg}" if key else f"{source}: {msg}"
     return f"{source}: {key} = {value!r} is invalid: {msg}"
 
 

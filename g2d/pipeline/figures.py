@@ -1,4 +1,5 @@
-"""Figures a person would rather look at than read: the attention / pseudo-mask grid of pre-training."""
+"""Figures a person would rather look at than read: the attention / pseudo-mask grid of pre-training and
+the prediction overlays of fine-tuning."""
 
 from __future__ import annotations
 
@@ -47,3 +48,71 @@ def attention_grid(images: torch.Tensor, attention: torch.Tensor, masks: torch.T
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _grid(n: int, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.9), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    return plt, fig, list(axes.flat)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def segmentation_grid(images: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, ids: list[str],
+                      captions: list[str], title: str, path: Path) -> Path:
+    """Each image with its truth outlined in green and the prediction filled in red."""
+    plt, fig, axes = _grid(len(images), title + "  (green: truth outline, red: prediction)")
+    for i, ax in enumerate(axes[: len(images)]):
+        ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        p = pred[i, 0].cpu().numpy().astype(np.float32)
+        ax.imshow(np.ma.masked_where(p <= 0, p), cmap="autumn", alpha=0.45, vmin=0, vmax=1)
+        t = truth[i, 0].cpu().numpy().astype(np.float32)
+        if t.any():
+            ax.contour(t, levels=[0.5], colors="lime", linewidths=0.8)
+        ax.set_title(f"{ids[i]}\n{captions[i]}", fontsize=7)
+    return _save(plt, fig, path)
+
+
+def detection_grid(images: torch.Tensor, truth: list[torch.Tensor], predictions: list[dict], ids: list[str],
+                   title: str, path: Path, top: int = 3) -> Path:
+    """Truth boxes in green, the `top` highest-scoring detections in red with their scores."""
+    from matplotlib.patches import Rectangle
+
+    plt, fig, axes = _grid(len(images), title + "  (green: truth, red: top detections)")
+    for i, ax in enumerate(axes[: len(images)]):
+        ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        for x0, y0, x1, y1 in truth[i].tolist():
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=1))
+        order = predictions[i]["scores"].argsort(descending=True)[:top]
+        for j in order.tolist():
+            x0, y0, x1, y1 = predictions[i]["boxes"][j].tolist()
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=1))
+            ax.text(x0, y0, f"{float(predictions[i]['scores'][j]):.2f}", color="red", fontsize=6)
+        ax.set_title(ids[i], fontsize=7)
+    return _save(plt, fig, path)
+
+
+def labelled_grid(images: torch.Tensor, ids: list[str], captions: list[str], title: str, path: Path) -> Path:
+    """Images with a caption each (classification: truth and the top predicted labels)."""
+    plt, fig, axes = _grid(len(images), title)
+    for i, ax in enumerate(axes[: len(images)]):
+        ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{ids[i]}\n{captions[i]}", fontsize=6)
+    return _save(plt, fig, path)

@@ -44,9 +44,10 @@ class PretrainOutcome:
 def paths(params: Params) -> tuple[Path, Path, Path, Path]:
     root = tracking.project_root()
     data = resolve_path(root, params.paths.synthcxr) / "pretrain"
-    out = resolve_path(root, params.paths.models) / "pretrain"
-    ckpt_dir = resolve_path(root, params.paths.models) / "pretrain-checkpoints"
-    metrics = resolve_path(root, params.paths.metrics) / "pretrain.json"
+    name = params.pretrain.name
+    out = resolve_path(root, params.paths.models) / name
+    ckpt_dir = resolve_path(root, params.paths.models) / f"{name}-checkpoints"
+    metrics = resolve_path(root, params.paths.metrics) / f"{name}.json"
     return data, out, ckpt_dir, metrics
 
 
@@ -73,7 +74,7 @@ def model_card(params: Params, metrics: dict, data_hash: str, split_hash: str, r
     m, p = params.model, params.pretrain
     retrieval = ", ".join(f"{k} {v:.3f}" for k, v in metrics.get("retrieval", {}).items())
     iou = metrics.get("pseudo_mask", {})
-    return f"""# g2d-encoder
+    return f"""# {p.register_as}
 
 G2D pre-trained chest X-ray encoder (Liu et al., NeurIPS 2024): a {m.encoder} U-Net image tower with its
 decoder, a `{m.text_model}` text tower, projections to d = {m.embed_dim} and a {m.heads}-head attention pooling.
@@ -163,7 +164,7 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
         advance = reporter.task("pre-train G2D", total)
         advance(step)
         started, seen = time.perf_counter(), 0
-        grid_dir = out.parent / "pretrain-figures"
+        grid_dir = out.parent / f"{p.name}-figures"
         while step < total:
             epoch = step // steps_per_epoch
             train.set_epoch(epoch)
@@ -233,7 +234,8 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
         tr.log_artifact(metrics_path)
 
         card = model_card(params, metrics, info.get("sha256", ""), split_hash, tr.run_id)
-        model_files.save(model, p.image_size, out, card, extra={"data_hash": info.get("sha256"),
+        model_files.save(model, p.image_size, out, card, extra={"kind": model_files.ENCODER_KIND,
+                                                                 "dense": p.dense, "data_hash": info.get("sha256"),
                                                                  "split_hash": split_hash})
         dump_yaml(params, out / "params.yaml")
         version = tracking.register_model_dir(tr, out, p.register_as)

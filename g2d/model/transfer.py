@@ -1,0 +1,115 @@
+"""Downstream networks around a (pre-trained) image encoder, as the paper transfers it:
+
+- segmentation: the smp U-Net itself, encoder frozen (the paper's protocol) or fine-tuned, with a fresh
+  decoder or the pre-trained one (the decoder G2D trained on pseudo masks);
+- linear probe: the frozen encoder's pooled last feature map, standardised, and one linear layer;
+- detection: torchvision's RetinaNet on an FPN over the encoder's last three feature maps (the paper
+  used YOLOv3, which no maintained library here provides).
+
+A frozen encoder is frozen twice: no parameter requires grad, and it stays in eval mode, so batch-norm
+statistics do not drift either and its weights leave training bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+class _KeepsFrozenEval(nn.Module):
+    """`train()` leaves the modules listed in `self._frozen` in eval mode."""
+
+    _frozen: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self._frozen:
+            getattr(self, name).eval() if hasattr(self, name) else self.get_submodule(name).eval()
+        return self
+
+
+class SegmentationNet(_KeepsFrozenEval):
+    def __init__(self, unet: nn.Module, freeze_encoder: bool) -> None:
+        super().__init__()
+        self.unet = unet
+        self._frozen = ("unet.encoder",) if freeze_encoder else ()
+        if freeze_encoder:
+            freeze(unet.encoder)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.unet.encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """One logit map per image, at the input size."""
+        return self.unet(images)
+
+
+class LinearProbe(_KeepsFrozenEval):
+    _frozen = ("encoder",)
+
+    def __init__(self, encoder: nn.Module, n_classes: int) -> None:
+        super().__init__()
+        self.encoder = freeze(encoder)
+        dim = encoder.out_channels[-1]
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.head = nn.Linear(dim, n_classes)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Global average of the last feature map (C5), (B, C)."""
+        return self.encoder(images)[-1].mean(dim=(2, 3))
+
+    def set_standardisation(self, train_features: torch.Tensor) -> None:
+        self.mean.copy_(train_features.mean(0))
+        self.std.copy_(train_features.std(0, unbiased=False).clamp_min(1e-6))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head((features - self.mean) / self.std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(images))
+
+
+class EncoderFPN(_KeepsFrozenEval):
+    """Any smp encoder as a torchvision detection backbone: its stride 8 / 16 / 32 maps through an FPN,
+    plus P6 / P7 as RetinaNet expects."""
+
+    def __init__(self, encoder: nn.Module, out_channels: int, freeze_encoder: bool) -> None:
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+
+        super().__init__()
+        self.encoder = freeze(encoder) if freeze_encoder else encoder
+        self._frozen = ("encoder",) if freeze_encoder else ()
+        self.fpn = FeaturePyramidNetwork(list(encoder.out_channels[-3:]), out_channels,
+                                         extra_blocks=LastLevelP6P7(out_channels, out_channels))
+        self.out_channels = out_channels
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        features = self.encoder(images)[-3:]
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
+
+
+def build_detector(encoder: nn.Module, n_classes: int, image_size: int, fpn_channels: int, freeze_encoder: bool,
+                   score_threshold: float, detections_per_image: int) -> nn.Module:
+    """RetinaNet with anchors sized for `image_size` (16 px at stride 8 up to 256 px at P7). Images go in
+    as they are ([0, 1], no re-normalisation, no resizing): as the encoder saw them in pre-training."""
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    sizes = tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for s in (16, 32, 64, 128, 256))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    model = RetinaNet(EncoderFPN(encoder, fpn_channels, freeze_encoder), num_classes=n_classes + 1,
+                      min_size=image_size, max_size=image_size, image_mean=[0.0], image_std=[1.0],
+                      anchor_generator=anchors, score_thresh=score_threshold,
+                      detections_per_img=detections_per_image)
+    return model

@@ -1,0 +1,87 @@
+"""The downstream metrics, as the paper's protocols define them, computed by MONAI.
+
+- Dice per image at a threshold, averaged over images; an image with an empty truth scores 1 when the
+  prediction is empty too and 0 otherwise (MONAI's `ignore_empty=False`), as in the SIIM protocol.
+- Macro AUC over the classes that have both outcomes in the split (the others are counted, not hidden).
+- mAP over IoU 0.4:0.05:0.75 (the paper's RSNA / Object-CXR protocol), COCO-style, MONAI's COCOMetric.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+MAP_IOU_RANGE = (0.4, 0.75, 0.05)
+
+
+def dice_per_image(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(N,) Dice of binary (N, 1, H, W) masks, empty-vs-empty = 1."""
+    from monai.metrics import compute_dice
+
+    return compute_dice(pred.float(), truth.float(), include_background=True, ignore_empty=False)[:, 0]
+
+
+def segmentation_scores(probs: torch.Tensor, truth: torch.Tensor, threshold: float) -> dict[str, float]:
+    dice = dice_per_image(probs > threshold, truth)
+    positive = truth.flatten(1).any(1)
+    out = {"dice": float(dice.mean()), "images": int(len(dice))}
+    if positive.any():
+        out["dice_positive"] = float(dice[positive].mean())
+    if (~positive).any():
+        out["empty_correct"] = float(dice[~positive].mean())  # share of empty truths predicted empty
+    return out
+
+
+def auc_scores(scores: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict[str, float]:
+    """Per-class ROC AUC on the rows whose label is known, and their macro mean."""
+    from monai.metrics import compute_roc_auc
+
+    out: dict[str, float] = {}
+    per_class = []
+    for c, name in enumerate(classes):
+        known = ~torch.isnan(labels[:, c])
+        y = labels[known, c]
+        if y.numel() == 0 or y.min() == y.max():
+            out[f"auc_{name}"] = math.nan  # one outcome only: AUC undefined
+            continue
+        auc = float(compute_roc_auc(scores[known, c].float(), y.long()))
+        out[f"auc_{name}"] = auc
+        per_class.append(auc)
+    out["auc"] = float(np.mean(per_class)) if per_class else math.nan
+    out["auc_classes"] = len(per_class)
+    out["auc_classes_undefined"] = len(classes) - len(per_class)
+    return out
+
+
+def accuracy_scores(scores: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict[str, float]:
+    """Multi-class: accuracy of the arg-max, plus one-vs-rest macro AUC."""
+    truth = labels.argmax(1)
+    out = {"accuracy": float((scores.argmax(1) == truth).float().mean())}
+    out.update(auc_scores(torch.softmax(scores.float(), 1), labels, classes))
+    return out
+
+
+def mean_ap(predictions: list[dict[str, torch.Tensor]], boxes: list[torch.Tensor], labels: list[torch.Tensor],
+            classes: tuple[str, ...], max_detections: int) -> dict[str, float]:
+    """mAP over IoU 0.4:0.05:0.75 and AP at IoU 0.5, class indices from 1 (torchvision's convention)."""
+    from monai.apps.detection.metrics.coco import COCOMetric
+    from monai.apps.detection.metrics.matching import matching_batch
+    from monai.data.box_utils import box_iou
+
+    metric = COCOMetric(classes=list(classes), iou_list=(0.5,), iou_range=MAP_IOU_RANGE,
+                        max_detection=(max_detections,), verbose=False)
+    matched = matching_batch(
+        iou_fn=box_iou, iou_thresholds=metric.iou_thresholds,
+        pred_boxes=[p["boxes"].detach().cpu().numpy() for p in predictions],
+        pred_classes=[p["labels"].detach().cpu().numpy() - 1 for p in predictions],
+        pred_scores=[p["scores"].detach().cpu().numpy() for p in predictions],
+        gt_boxes=[b.numpy() for b in boxes], gt_classes=[lab.numpy() - 1 for lab in labels],
+        max_detections=max_detections)
+    values = metric(matched)[0]
+    lo, hi, step = MAP_IOU_RANGE
+    out = {"map": float(values[f"mAP_IoU_{lo:.2f}_{hi:.2f}_{step:.2f}_MaxDet_{max_detections}"]),
+           "ap50": float(values[f"AP_IoU_0.50_MaxDet_{max_detections}"]),
+           "images": len(boxes), "boxes": int(sum(len(b) for b in boxes))}
+    return {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}

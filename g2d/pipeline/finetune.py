@@ -1,0 +1,236 @@
+"""The `finetune` stage: `g2d train --task T --frac F --init I` fine-tunes one downstream model on the
+label fraction F of task T's train split, starting from encoder I, keeps the weights that validate
+best, scores them on the test split, writes `metrics/finetune/<task>_<frac>_<init>.json`, logs the run
+to MLflow and registers the model as `g2d-<task>`. `evaluate` scores a registered model again.
+
+Every input is checked (task, fraction, init, data) before a run is opened, so a bad input leaves
+neither a run nor a registered version behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from g2d import tracking
+from g2d.config import Params, resolve_path, to_dict
+from g2d.data import labelled, tasks
+from g2d.data import manifest as mf
+from g2d.errors import ConfigError
+from g2d.pipeline import initialisation, model_files, runtime
+from g2d.pipeline.downstream import classification, detection, segmentation
+from g2d.progress import Reporter, silent
+
+FAMILIES = {"segmentation": segmentation, "classification": classification, "detection": detection}
+
+
+@dataclass
+class FinetuneOutcome:
+    metrics: dict
+    metrics_path: Path
+    run_id: str
+    registered: str
+    version: int
+
+
+def frac_label(frac: float) -> str:
+    """0.01 -> '0.01', 1 -> '1.0': the spelling DVC gives the matrix's fractions."""
+    return repr(float(frac))
+
+
+def init_label(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "init"
+
+
+def metrics_path(params: Params, task: str, frac: float, init: str) -> Path:
+    root = tracking.project_root()
+    return resolve_path(root, params.paths.metrics) / "finetune" / f"{task}_{frac_label(frac)}_{init_label(init)}.json"
+
+
+def parse_frac(text: str | float) -> float:
+    try:
+        frac = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--frac {text!r} is not a number; give a label fraction in (0, 1], e.g. 0.01") from None
+    if not (0 < frac <= 1) or math.isnan(frac):
+        raise ConfigError(f"--frac {text}: a label fraction must be in (0, 1], e.g. 0.01 for 1% of the labels")
+    return frac
+
+
+def _load_data(spec, folder: Path, image_size: int, train_ids: list[str], reporter: Reporter):
+    df = mf.read_manifest(folder)
+    counts = {"train": len(train_ids), **{s: int((df["split"] == s).sum()) for s in ("val", "test")}}
+    advance = reporter.task(f"load {spec.name} images", sum(counts.values()))
+    return {split: labelled.load_split(folder, df, split, spec, image_size,
+                                       ids=train_ids if split == "train" else None, progress=advance)
+            for split in ("train", "val", "test")}
+
+
+def run(params: Params, task: str | None = None, frac: float | str = 0.01, init: str | None = None,
+        seed: int | None = None, reporter: Reporter = silent) -> FinetuneOutcome:
+    ft = params.finetune
+    spec = tasks.get(task or ft.task)
+    frac = parse_frac(frac)
+    init = init or ft.init
+    seed = params.seed if seed is None else seed
+    root = tracking.project_root()
+    folder = tasks.dataset_folder(spec, params, root)
+    df = mf.read_manifest(folder)
+    chosen = labelled.fraction(folder, df, frac)
+    start = initialisation.resolve(init, params, root)
+    family = FAMILIES[spec.kind]
+    data = _load_data(spec, folder, ft.image_size, chosen.ids, reporter)
+    info = mf.read_info(folder)
+    data_hash = info.get("sha256") or mf.dataset_hash(folder)
+
+    runtime.seed_everything(seed)  # a random init (and a fresh decoder or head) depends on the seed only
+    unet = initialisation.build_unet(start, family.uses_decoder(ft))
+    config = {"kind": spec.kind, "task": spec.name, "model": start.model.model_dump(mode="json"),
+              "image_size": ft.image_size, "init": start.name, "init_source": start.source,
+              "init_sha256": start.sha256, "init_dense": start.dense, "frac": frac, "seed": seed,
+              "data_hash": data_hash, "fraction_sha256": chosen.sha256}
+    net = family.wrap(unet, spec, ft, config)
+    encoder_before = {k: v.clone() for k, v in unet.encoder.state_dict().items()}
+
+    run_info = {"task": spec.name, "kind": spec.kind, "frac": frac, "init": start.name, "seed": seed,
+                "dataset": str(folder), "train_images": len(chosen.ids)}
+    tags = {"g2d.task": spec.name, "g2d.frac": frac_label(frac), "g2d.init": start.name,
+            "g2d.init_source": start.source, "g2d.init_sha256": start.sha256, "g2d.seed": str(seed),
+            "g2d.fraction_sha256": chosen.sha256, "g2d.fraction_source": chosen.source}
+    out_path = metrics_path(params, spec.name, frac, start.name)
+    with tracking.start_run("finetune", config={**to_dict(params), "run": run_info}, data_hash=data_hash,
+                            tags=tags, uri=params.tracking.uri) as tr:
+        tr.log_dataset(f"{spec.name}-{folder.name}", source=str(folder / mf.MANIFEST), digest=data_hash,
+                       context="training", profile={s: len(d) for s, d in data.items()},
+                       tags={"fraction": frac_label(frac), "fraction_sha256": chosen.sha256})
+        recipe = {"segmentation": ft.segmentation, "classification": ft.probe, "detection": ft.detection}[spec.kind]
+        advance = reporter.task(f"fine-tune {spec.name} {frac:.0%} labels, init {start.name}", recipe.max_steps)
+        result = family.fit(net, data, spec, ft, seed, advance, tr.log_metrics)
+        test = family.evaluate(net, data["test"], spec, config)
+        frozen = _frozen_encoder(spec, ft)
+        if frozen:  # the paper's frozen protocol, checked rather than assumed
+            unchanged = all(torch.equal(encoder_before[k], v) for k, v in unet.encoder.state_dict().items())
+            if not unchanged:
+                raise RuntimeError("the frozen encoder changed during fine-tuning")
+        metrics = {
+            "task": spec.name, "kind": spec.kind, "metric": spec.metric, "frac": frac, "init": start.name,
+            "init_source": start.source, "init_dense": start.dense, "seed": seed,
+            "frozen_encoder": frozen, "test": test, "score": test.get(spec.metric),
+            "val_best": result.best_val, "best_step": result.best_step, "steps": result.steps,
+            "stopped_early": result.stopped_early, "train_images": len(data["train"]),
+            "val_images": len(data["val"]), "test_images": len(data["test"]),
+            "dropped": {s: d.dropped for s, d in data.items() if d.dropped},
+            "data_hash": data_hash, "fraction_sha256": chosen.sha256, "fraction_source": chosen.source,
+        }
+        tr.log_metrics({f"test/{k}": v for k, v in test.items() if isinstance(v, int | float) and not
+                        (isinstance(v, float) and math.isnan(v))}, step=result.steps)
+        tr.log_metrics({"best_step": result.best_step}, step=result.steps)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+        tr.log_artifact(out_path)
+        name = f"g2d-{spec.name}"
+        with tempfile.TemporaryDirectory(prefix="g2d-finetune-") as tmp:
+            title = (f"{spec.name}, {frac:.0%} labels, init {start.name}: test {spec.metric} "
+                     f"{test.get(spec.metric, float('nan')):.3f}")
+            fig = family.figure(net, data["test"], spec, config, ft.overlays, title,
+                                Path(tmp) / f"{out_path.stem}_test.png")
+            tr.log_artifact(fig, "figures")
+            card = _card(name, config, metrics, tr.run_id)
+            model_dir = model_files.save_folder(net, Path(tmp) / "model", {**config, "metrics": test}, card)
+            version = tracking.register_model_dir(tr, model_dir, name,
+                                                  description=f"{spec.paper}; init {start.name}, {frac:.0%} labels")
+        return FinetuneOutcome(metrics, out_path, tr.run_id, name, version)
+
+
+def _frozen_encoder(spec, ft) -> bool:
+    if spec.kind == "classification":
+        return True
+    return (ft.segmentation if spec.kind == "segmentation" else ft.detection).freeze_encoder
+
+
+def _json_default(o):
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+def _card(name: str, config: dict, metrics: dict, run_id: str) -> str:
+    test = ", ".join(f"{k} {v:.3f}" for k, v in metrics["test"].items() if isinstance(v, float) and not math.isnan(v))
+    return f"""# {name}
+
+{config['kind'].capitalize()} model for `{config['task']}`, fine-tuned by g2d from `{config['init']}`
+(`{config['init_source']}`) on {config['frac']:.0%} of the train labels
+(fraction sha256 `{config['fraction_sha256']}`, data sha256 `{config['data_hash']}`), seed {config['seed']},
+{config['image_size']} px, encoder {'frozen' if metrics['frozen_encoder'] else 'fine-tuned'}.
+
+## Test metrics
+{test}
+
+Best validation at step {metrics['best_step']} of {metrics['steps']}. MLflow run `{run_id}`.
+
+## Intended use and limits
+Research on label efficiency of pre-trained chest X-ray encoders. Trained on SynthCXR unless the data hash
+says otherwise; not for diagnosis. Files: `model.safetensors` (weights only), `config.yaml` (rebuilds it).
+"""
+
+
+# ---------------------------------------------------------------- evaluate a registered model
+
+
+def load_model(folder: Path):
+    """(network in eval mode, config) from a folder written by `run`."""
+    from safetensors.torch import load_model as load_weights
+
+    from g2d.config import Model
+    from g2d.model.towers import build_unet
+
+    config = model_files.read_config(folder)
+    kind = config.get("kind", model_files.ENCODER_KIND)
+    if kind not in FAMILIES:
+        raise model_files.ModelFilesError(
+            f"{folder}: a {kind} model, not a fine-tuned downstream model; fine-tune it first "
+            "(`g2d train --task TASK --init ...`) and evaluate the registered g2d-<task> model")
+    try:
+        unet = build_unet(Model.model_validate(config["model"]))
+        net = FAMILIES[kind].rewrap(unet, config)
+        load_weights(net, str(folder / model_files.WEIGHTS), strict=True)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise model_files.ModelFilesError(f"{folder}: weights and config.yaml do not fit ({e})") from None
+    return net.eval(), config
+
+
+def evaluate(params: Params, task: str | None, model: str, reporter: Reporter = silent) -> dict:
+    """Score a fine-tuned model (a folder, or a registered model) on the test split of `task`."""
+    spec = tasks.get(task or params.finetune.task)
+    root = tracking.project_root()
+    folder = tasks.dataset_folder(spec, params, root)
+    path = resolve_path(root, model)
+    with tempfile.TemporaryDirectory(prefix="g2d-evaluate-") as tmp:
+        if path.exists():
+            source, model_dir = str(path), path
+        else:
+            info = tracking.resolve_model(model, uri=params.tracking.uri)
+            source = f"models:/{info.name}/{info.version}"
+            model_dir = tracking.pull_model(source, Path(tmp) / "pulled", uri=params.tracking.uri)
+        net, config = load_model(model_dir)
+    if config["kind"] != spec.kind or list(config.get("classes", spec.labels)) != list(spec.labels):
+        raise model_files.ModelFilesError(
+            f"{source}: a {config['kind']} model for {config.get('task')} "
+            f"({config.get('classes', '')}); task {spec.name} needs a {spec.kind} model of {list(spec.labels)}")
+    df = mf.read_manifest(folder)
+    advance = reporter.task(f"load {spec.name} test images", int((df["split"] == "test").sum()))
+    test = labelled.load_split(folder, df, "test", spec, int(config["image_size"]), progress=advance)
+    data_hash = mf.read_info(folder).get("sha256") or mf.dataset_hash(folder)
+    tags = {"g2d.task": spec.name, "g2d.model": source}
+    with tracking.start_run("evaluate", config={"task": spec.name, "model": source, "model_config": config},
+                            data_hash=data_hash, tags=tags, uri=params.tracking.uri) as tr:
+        scores = FAMILIES[spec.kind].evaluate(net, test, spec, config)
+        tr.log_metrics({f"test/{k}": v for k, v in scores.items()
+                        if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))})
+    return {"task": spec.name, "model": source, "metric": spec.metric, "test": scores, "run_id": tr.run_id}
