@@ -311,7 +311,8 @@ def validate(raw: dict[str, Any], source: str = "params") -> Params:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value). The value is read as JSON (numbers, true / false, null,
-    lists), otherwise kept as text: YAML 1.1 would turn `064` into 52 and `no` into False."""
+    lists), otherwise kept as text: YAML 1.1 would turn `064` into 52 and `no` into False, and
+    `none` must stay the word (pretrain.dense=none)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. synth.image_size=64")
@@ -319,7 +320,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = json.loads(value)
     except json.JSONDecodeError:
         parsed = value
-    if isinstance(parsed, str) and parsed.strip().lower() in ("~", "none"):
+    if isinstance(parsed, str) and parsed.strip() == "~":  # YAML's null; 'none' stays text (pretrain.dense=none)
         parsed = None
     return key.strip().split("."), parsed
 

@@ -76,3 +76,8 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("synth: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML at line"):
         load_params(bad)
+
+
+def test_set_none_is_the_word_and_null_is_null():
+    p = load_params(ROOT / "params.yaml", ["pretrain.dense=none", "pretrain.max_steps=null"])
+    assert p.pretrain.dense == "none" and p.pretrain.max_steps is None

@@ -17,6 +17,7 @@ from g2d.errors import DataError
 
 REPORTS = "reports"
 INIT_TITLES = {"random": "Random init", "global": "Global only (ConVIRT / CLIP-style)", "g2d": "G2D"}
+BASELINES_FIRST = ("random", "global", "g2d")  # the paper's tables: baselines on top, the method last
 METRIC_TITLES = {"dice": "Dice", "map": "mAP", "auc": "AUC", "accuracy": "ACC"}
 
 
@@ -105,7 +106,7 @@ def curves(rows: list[dict], inits: list[str], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for t in _order({r["task"] for r in rows}, list(tasks.TASKS)):
         mine = [r for r in rows if r["task"] == t]
-        names = _order({r["init"] for r in mine}, inits)
+        names = _order({r["init"] for r in mine} | set(BASELINES_FIRST), inits)  # the columns dvc.yaml plots
         lines = [",".join(["frac", *names])]
         for f in sorted({r["frac"] for r in mine}):
             vals = {r["init"]: r["score"] for r in mine if r["frac"] == f}
@@ -150,7 +151,8 @@ def run(params: Params) -> ReportOutcome:
     if not rows:
         raise DataError(f"{source}: no fine-tuning metrics to report; run `dvc repro` or `g2d train` first")
     out = root / REPORTS
-    inits = list(params.matrix.inits)
+    inits = [i for i in BASELINES_FIRST if i in params.matrix.inits] + [
+        i for i in params.matrix.inits if i not in BASELINES_FIRST]
     md = out / "results.md"
     out.mkdir(parents=True, exist_ok=True)
     md.write_text(markdown(rows, inits))

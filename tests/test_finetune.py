@@ -1,0 +1,294 @@
+"""Fine-tuning on a tiny SynthCXR: every task family end to end, the frozen protocol, registration,
+evaluation, the report, and every bad input of the issue with its message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from g2d import tracking
+from g2d.cli import app
+from g2d.config import load_params
+from g2d.data import labelled, tasks
+from g2d.data import manifest as mf
+from g2d.data.sources import embedded
+from g2d.data.synthcxr import build
+from g2d.errors import ConfigError, DataError
+from g2d.pipeline import finetune, initialisation, pretrain, report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory, mlflow_template_db) -> Path:
+    """params.tiny.yaml, its SynthCXR rendered and a tiny G2D pre-trained (the `g2d` init)."""
+    root = tmp_path_factory.mktemp("finetune") / "project"
+    root.mkdir()
+    (root / "dvc.yaml").write_text("")
+    shutil.copy(ROOT / "params.tiny.yaml", root / "params.yaml")
+    params = load_params(root / "params.yaml")
+    embedded.fetch(root / "data")
+    build.build(params.synth, root / "data", root / params.paths.synthcxr)
+    shutil.copyfile(mlflow_template_db, root / "mlflow.db")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        pretrain.run(params)
+    shutil.copyfile(root / "mlflow.db", root / "pretrained.db")
+    return root
+
+
+@pytest.fixture
+def project(tiny_project, monkeypatch) -> Path:
+    """The tiny project with its store as right after pre-training (only g2d-encoder registered)."""
+    for var in ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+    shutil.copyfile(tiny_project / "pretrained.db", tiny_project / "mlflow.db")
+    shutil.rmtree(tiny_project / "metrics" / "finetune", ignore_errors=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_project / 'mlflow.db'}")
+    monkeypatch.chdir(tiny_project)
+    return tiny_project
+
+
+def params(root: Path, *overrides: str):
+    return load_params(root / "params.yaml", list(overrides))
+
+
+def registered(root: Path) -> dict[str, list[int]]:
+    return {m["name"]: m["versions"] for m in tracking.list_models()}
+
+
+def runs(root: Path) -> int:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
+
+
+# ---------------------------------------------------------------- metrics on hand-made inputs
+
+
+def test_dice_per_image_follows_the_siim_convention():
+    from g2d.pipeline.downstream_metrics import dice_per_image, segmentation_scores
+
+    truth = torch.zeros(4, 1, 4, 4, dtype=torch.bool)
+    pred = torch.zeros_like(truth)
+    pred[1, 0, 0, 0] = True  # 1: empty truth, a false positive pixel -> 0
+    truth[2, 0, 0, :2] = True  # 2: a finding the prediction misses -> 0
+    truth[3, 0, 0, :2] = True  # 3: truth 2 px, prediction 1 of them + 1 outside -> 2*1 / (2+2)
+    pred[3, 0, 0, 1:3] = True
+    assert dice_per_image(pred, truth).tolist() == [1.0, 0.0, 0.0, 0.5]  # 0: empty and empty -> 1
+    probs = pred.float() * 0.9
+    scores = segmentation_scores(probs, truth, threshold=0.5)
+    assert scores["dice"] == pytest.approx(1.5 / 4)
+    assert scores["dice_positive"] == pytest.approx(0.25) and scores["empty_correct"] == pytest.approx(0.5)
+
+
+def test_map_over_iou_040_to_075():
+    from g2d.pipeline.downstream_metrics import mean_ap
+
+    truth, labels = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])], [torch.tensor([1])]
+
+    def pred(x1: float) -> list[dict]:
+        return [{"boxes": torch.tensor([[0.0, 0.0, x1, 10.0]]), "labels": torch.tensor([1]),
+                 "scores": torch.tensor([0.9])}]
+
+    assert mean_ap(pred(10.0), truth, labels, ("opacity",), 5)["map"] == pytest.approx(1.0)
+    # IoU 6.2 / 10 = 0.62 is a hit at 0.40, 0.45, 0.50, 0.55, 0.60 and a miss at 0.65, 0.70, 0.75
+    out = mean_ap(pred(6.2), truth, labels, ("opacity",), 5)
+    assert out["map"] == pytest.approx(5 / 8) and out["ap50"] == pytest.approx(1.0)
+
+
+def test_macro_auc_counts_undefined_classes():
+    from g2d.pipeline.downstream_metrics import auc_scores
+
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0], [float("nan"), 0.0]])
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.5], [0.0, 0.3]])
+    out = auc_scores(scores, labels, ("a", "b"))
+    assert out["auc"] == 1.0 and out["auc_classes"] == 1 and out["auc_classes_undefined"] == 1
+
+
+# ---------------------------------------------------------------- label fractions
+
+
+def test_fractions_are_recorded_or_nested(tiny_project):
+    folder = tiny_project / "datasets" / "synthcxr" / "pneumothorax"
+    df = mf.read_manifest(folder)
+    train = set(df.loc[df["split"] == "train", "id"])
+    whole = labelled.fraction(folder, df, 1.0)
+    assert set(whole.ids) == train and whole.source == "fractions/train_1.txt"
+    tenth = labelled.fraction(folder, df, 0.1)
+    half = labelled.fraction(folder, df, 0.5)
+    assert set(tenth.ids) <= set(half.ids) <= train and len(half.ids) == len(train) // 2
+    assert "nested ranking" in half.source and half.sha256 != whole.sha256
+    with pytest.raises(DataError, match=r"--frac 0.001: .* empty subset; the smallest usable fraction is"):
+        labelled.fraction(folder, df, 0.001)
+
+
+def test_edited_fraction_file_is_refused(tmp_path, tiny_project):
+    folder = tmp_path / "pneumothorax"
+    shutil.copytree(tiny_project / "datasets" / "synthcxr" / "pneumothorax", folder)
+    path = folder / "fractions" / "train_0.1.txt"
+    path.write_text(path.read_text() + "ptx-99999\n")
+    with pytest.raises(DataError, match="train_0.1.txt: sha256 .* differs .* the fraction was edited"):
+        labelled.fraction(folder, mf.read_manifest(folder), 0.1)
+
+
+# ---------------------------------------------------------------- each task end to end
+
+
+def test_segmentation_trains_registers_and_keeps_the_frozen_encoder(project):
+    out = finetune.run(params(project), task="siim-seg", frac=1.0, init="g2d")
+    m = json.loads(out.metrics_path.read_text())
+    assert out.metrics_path.name == "siim-seg_1.0_g2d.json"
+    assert m["metric"] == "dice" and 0 <= m["score"] <= 1 and m["frozen_encoder"] is True
+    assert 1 <= m["best_step"] <= m["steps"] and m["test_images"] > 0
+    assert registered(project)["g2d-siim-seg"] == [1]
+    # the registered model's encoder is bit-identical to the pre-trained one
+    pulled = tracking.pull_model("g2d-siim-seg/latest", project / "pulled-seg")
+    tuned = load_file(str(pulled / "model.safetensors"))
+    source = load_file(str(project / "models" / "pretrain" / "model.safetensors"))
+    enc = [k for k in source if k.startswith("unet.encoder.")]
+    assert enc and all(torch.equal(tuned[k], source[k]) for k in enc)
+    # ... and its decoder was trained from scratch (transfer: encoder)
+    dec = [k for k in source if k.startswith("unet.decoder.") and k.endswith("weight")]
+    assert any(not torch.equal(tuned[k], source[k]) for k in dec)
+    # evaluate scores the registered model on the same test split, same number
+    again = finetune.evaluate(params(project), "siim-seg", "models:/g2d-siim-seg/latest")
+    assert again["test"]["dice"] == pytest.approx(m["score"], abs=1e-6)
+    shutil.rmtree(project / "pulled-seg")
+
+
+def test_encoder_decoder_transfer_starts_from_the_pretrained_decoder(project):
+    start = initialisation.resolve("g2d", params(project), project)
+    with_dec = initialisation.build_unet(start, with_decoder=True)
+    without = initialisation.build_unet(start, with_decoder=False)
+    key = next(k for k in start.unet_state if k.startswith("decoder.") and k.endswith("weight"))
+    assert torch.equal(with_dec.state_dict()[key], start.unet_state[key])
+    assert not torch.equal(without.state_dict()[key], start.unet_state[key])
+    out = finetune.run(params(project, "finetune.segmentation.transfer=encoder_decoder",
+                              "finetune.segmentation.freeze_encoder=false"), task="rsna-seg", frac=1.0, init="g2d")
+    assert out.metrics["frozen_encoder"] is False and 0 <= out.metrics["score"] <= 1
+
+
+def test_linear_probe_and_random_init(project):
+    out = finetune.run(params(project), task="chexpert-cls", frac=1.0, init="random", seed=3)
+    m = out.metrics
+    assert m["metric"] == "auc" and m["init"] == "random" and m["init_source"] == "random"
+    assert set(tasks.CHEXPERT_5) <= {k.removeprefix("auc_") for k in m["test"]}
+    assert m["test"]["auc_classes"] + m["test"]["auc_classes_undefined"] == 5
+    # same seed, same run
+    again = finetune.run(params(project), task="chexpert-cls", frac=1.0, init="random", seed=3)
+    assert json.dumps(again.metrics["test"], sort_keys=True) == json.dumps(m["test"], sort_keys=True)
+
+
+def test_detection_end_to_end(project):
+    out = finetune.run(params(project), task="rsna-det", frac=1.0, init="g2d")
+    assert out.metrics["metric"] == "map" and 0 <= out.metrics["score"] <= 1
+    assert out.metrics["test"]["boxes"] > 0
+    assert "g2d-rsna-det" in registered(project)
+
+
+def test_multiclass_task_on_an_imported_manifest(project, tmp_path):
+    """covidx-cls has no SynthCXR set: a tiny one-of-3 manifest stands in for an imported COVIDx."""
+    folder = tmp_path / "covidx"
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i in range(18):
+        cls = ("normal", "pneumonia", "covid")[i % 3]
+        Image.fromarray((torch.rand(32, 32) * 255).byte().numpy()).save(folder / "images" / f"{i}.png")
+        rows.append({"id": f"c{i}", "image": f"images/{i}.png", "patient_id": f"p{i}",
+                     "split": ("train", "train", "val", "test")[i % 4] if i < 16 else "train",
+                     **{c: int(c == cls) for c in ("normal", "pneumonia", "covid")}})
+    mf.write_manifest(pd.DataFrame(rows), folder)
+    p = params(project, f"finetune.datasets={{\"covidx-cls\": \"{folder}\"}}")
+    out = finetune.run(p, task="covidx-cls", frac=1.0, init="g2d")
+    assert out.metrics["metric"] == "accuracy" and 0 <= out.metrics["score"] <= 1
+    with pytest.raises(ConfigError, match="covidx-cls.*has no SynthCXR equivalent.*finetune.datasets.covidx-cls"):
+        finetune.run(params(project), task="covidx-cls", frac=1.0, init="g2d")
+
+
+# ---------------------------------------------------------------- bad inputs: one line, exit 1, nothing left
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frac", "0"], "--frac 0: a label fraction must be in (0, 1]"),
+    (["--frac", "1.5"], "--frac 1.5: a label fraction must be in (0, 1]"),
+    (["--frac", "-0.1"], "--frac -0.1: a label fraction must be in (0, 1]"),
+    (["--frac", "abc"], "--frac 'abc' is not a number"),
+    (["--task", "siim-sag"], "unknown task 'siim-sag': did you mean 'siim-seg'?"),
+    (["--init", "models/nothing-here"], "--init models/nothing-here: no such file or folder"),
+    (["--init", "global"], "--init global: "),  # the global-only model is not trained in this project
+    (["--init", "g2d-encoder@champion"], "model 'g2d-encoder' has no alias 'champion'"),
+    (["--frac", "0.001"], "empty subset; the smallest usable fraction is"),
+])
+def test_bad_inputs_fail_in_one_line_and_leave_nothing(project, args, message):
+    before_models, before_runs = registered(project), runs(project)
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and "━" not in line]
+    assert len(lines) == 1 and lines[0].startswith("g2d: error: ") and message in lines[0], result.output
+    assert registered(project) == before_models and runs(project) == before_runs
+
+
+def test_a_downstream_model_is_not_an_encoder(project):
+    finetune.run(params(project), task="siim-seg", frac=1.0, init="g2d")
+    before_models, before_runs = registered(project), runs(project)
+    result = CliRunner().invoke(app, ["train", "--task", "rsna-seg", "--init", "models:/g2d-siim-seg/latest"])
+    assert result.exit_code == 1
+    assert "a segmentation model (task siim-seg), not a pre-trained encoder" in result.output
+    assert registered(project) == before_models and runs(project) == before_runs
+    # and the other way round: an encoder is not a model to evaluate
+    result = CliRunner().invoke(app, ["evaluate", "--task", "siim-seg", "--model", "models/pretrain"])
+    assert result.exit_code == 1 and "a g2d-encoder model, not a fine-tuned downstream model" in result.output
+    result = CliRunner().invoke(app, ["evaluate", "--task", "rsna-det", "--model", "g2d-siim-seg/latest"])
+    assert result.exit_code == 1 and "task rsna-det needs a detection model" in result.output
+
+
+def test_train_cli_and_checkpoint_init(project):
+    ckpt = project / "models" / "pretrain-checkpoints" / "checkpoint.pt"
+    result = CliRunner().invoke(app, ["train", "--frac", "1", "--init", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    assert "siim-seg 100% labels" in result.output and "registered g2d-siim-seg version" in result.output
+    m = json.loads(next((project / "metrics" / "finetune").glob("siim-seg_1.0_*.json")).read_text())
+    assert m["init_source"] == str(ckpt)
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_tables_and_curves(project):
+    folder = project / "metrics" / "finetune"
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, metric in (("siim-seg", "dice"), ("chexpert-cls", "auc")):
+        for frac in (0.01, 1.0):
+            for init, score in (("g2d", 0.6), ("global", 0.5), ("random", 0.3)):
+                (folder / f"{task}_{frac!r}_{init}.json").write_text(json.dumps(
+                    {"task": task, "frac": frac, "init": init, "metric": metric, "score": score * frac ** 0.1,
+                     "train_images": 10}))
+    out = report.run(params(project))
+    md = out.markdown.read_text()
+    assert "## Table 1" in md and "## Table 4" in md and out.cells == 12
+    g2d_row = next(line for line in md.splitlines() if line.startswith("| G2D |") and "**" in line)
+    assert g2d_row.count("**60.0**") == 1  # siim-seg 100%: G2D best, in bold
+    lines = md.splitlines()
+    assert lines.index(next(x for x in lines if x.startswith("| Random init"))) < lines.index(g2d_row)
+    csv = (project / "reports" / "curves" / "siim-seg.csv").read_text().splitlines()
+    assert csv[0] == "frac,random,global,g2d" and csv[2].startswith("1,")
+    assert out.figure.is_file() and out.figure.stat().st_size > 5000
+    (folder / "broken.json").write_text("{")
+    with pytest.raises(DataError, match="broken.json: not a g2d fine-tuning metrics file"):
+        report.run(params(project))
+
+
+def test_matrix_inits_must_be_named(project):
+    with pytest.raises(ConfigError, match=r"matrix.inits \['imagenet'\] are not names in finetune.inits"):
+        params(project, 'matrix.inits=["g2d", "imagenet"]')
