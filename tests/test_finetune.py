@@ -259,7 +259,7 @@ def test_train_cli_and_checkpoint_init(project):
     assert result.exit_code == 0, result.output
     assert "siim-seg 100% labels" in result.output and "registered g2d-siim-seg version" in result.output
     m = json.loads(next((project / "metrics" / "finetune").glob("siim-seg_1.0_*.json")).read_text())
-    assert m["init_source"] == str(ckpt)
+    assert m["init_source"] == "models/pretrain-checkpoints/checkpoint.pt"
 
 
 # ---------------------------------------------------------------- report

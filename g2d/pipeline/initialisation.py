@@ -47,7 +47,10 @@ def resolve(spec: str, params: Params, root: Path) -> Init:
         return Init(name, RANDOM, params.model, None)
     path = resolve_path(root, spec)
     if path.exists():
-        return _from_path(name, path)
+        init = _from_path(name, path)
+        if path.resolve().is_relative_to(root.resolve()):  # recorded relative: the same in every clone
+            init.source = path.resolve().relative_to(root.resolve()).as_posix()
+        return init
     if spec != name:
         raise InitError(f"--init {name}: {path} (finetune.inits.{name}) does not exist; train it first "
                         "(`dvc repro` or `g2d pretrain`)")
