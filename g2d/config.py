@@ -242,6 +242,15 @@ class Matrix(Strict):
     fractions: tuple[float, ...] = Field((0.01, 0.1, 1.0), min_length=1)
     inits: tuple[str, ...] = Field(("g2d", "global", "random"), min_length=1)
 
+    @field_validator("fractions", mode="before")
+    @classmethod
+    def _written_as_floats(cls, v):
+        ints = [f for f in v if isinstance(f, int) and not isinstance(f, bool)] if isinstance(v, list | tuple) else []
+        if ints:
+            raise ValueError(f"write fractions as decimals ({ints[0]}.0, not {ints[0]}): DVC names each stage and "
+                             "metrics file after the value as written")
+        return v
+
     @field_validator("fractions")
     @classmethod
     def _in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:

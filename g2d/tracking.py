@@ -61,7 +61,7 @@ __all__ = [
 EXPERIMENT_PREFIX = "g2d-"
 CONFIG_ARTIFACT = "config.yaml"
 RESERVED_ALIAS = "latest"
-REF_FORMS = "NAME, NAME@ALIAS, NAME/VERSION or NAME/latest (optionally prefixed with models:/)"
+REF_FORMS = "NAME, NAME@ALIAS, NAME/VERSION or NAME/latest (= NAME@latest; optionally prefixed with models:/)"
 SERVER_HINT = (
     "is the server running? start it with `mlflow server --host 127.0.0.1 --port 5000 "
     "--backend-store-uri sqlite:///mlflow.db` or unset MLFLOW_TRACKING_URI to use the local SQLite store"
@@ -623,9 +623,8 @@ def parse_model_ref(ref: str) -> ModelRef:
         _check_name(name, ref)
         if not alias:
             raise _bad_ref(ref, "the alias after '@' is empty")
-        if alias.lower() == RESERVED_ALIAS:
-            why = f"'{RESERVED_ALIAS}' is not an alias; write {name}/latest for the newest version"
-            raise _bad_ref(ref, why)
+        if alias.lower() == RESERVED_ALIAS:  # reserved, so never set: it can only mean the newest version
+            return ModelRef(name)
         if not _ALIAS_RE.match(alias):
             raise _bad_ref(ref, f"alias {alias!r} may only contain letters, digits, '_' and '-'")
         return ModelRef(name, alias=alias)

@@ -22,7 +22,8 @@ from g2d.data import manifest as mf
 from g2d.data.sources import embedded
 from g2d.data.synthcxr import build
 from g2d.errors import ConfigError, DataError
-from g2d.pipeline import finetune, initialisation, pretrain, report
+from g2d.pipeline import finetune, initialisation, pretrain, report, runtime
+from g2d.pipeline.downstream import fit as loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,13 +48,15 @@ def tiny_project(tmp_path_factory, mlflow_template_db) -> Path:
 
 
 @pytest.fixture
-def project(tiny_project, monkeypatch) -> Path:
-    """The tiny project with its store as right after pre-training (only g2d-encoder registered)."""
+def project(tiny_project, monkeypatch, tmp_path) -> Path:
+    """The tiny project with a store as right after pre-training (only g2d-encoder registered). Each test
+    gets its own store file: MLflow keeps one engine per URI, so a file replaced under it would go stale."""
     for var in ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(var, raising=False)
-    shutil.copyfile(tiny_project / "pretrained.db", tiny_project / "mlflow.db")
+    db = tiny_project / f"mlflow-{tmp_path.name}.db"
+    shutil.copyfile(tiny_project / "pretrained.db", db)
     shutil.rmtree(tiny_project / "metrics" / "finetune", ignore_errors=True)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_project / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.chdir(tiny_project)
     return tiny_project
 
@@ -67,9 +70,11 @@ def registered(root: Path) -> dict[str, list[int]]:
 
 
 def runs(root: Path) -> int:
+    import os
+
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
 
 
@@ -158,9 +163,11 @@ def test_segmentation_trains_registers_and_keeps_the_frozen_encoder(project):
     source = load_file(str(project / "models" / "pretrain" / "model.safetensors"))
     enc = [k for k in source if k.startswith("unet.encoder.")]
     assert enc and all(torch.equal(tuned[k], source[k]) for k in enc)
-    # ... and its decoder was trained from scratch (transfer: encoder)
-    dec = [k for k in source if k.startswith("unet.decoder.") and k.endswith("weight")]
-    assert any(not torch.equal(tuned[k], source[k]) for k in dec)
+    # ... and its decoder, fresh (transfer: encoder), was trained: it left its seeded initialisation
+    runtime.seed_everything(load_params(project / "params.yaml").seed)
+    fresh = initialisation.build_unet(initialisation.resolve("g2d", params(project), project), with_decoder=False)
+    dec = [k for k in fresh.state_dict() if k.startswith("decoder.") and k.endswith("weight")]
+    assert dec and any(not torch.equal(tuned[f"unet.{k}"], fresh.state_dict()[k]) for k in dec)
     # evaluate scores the registered model on the same test split, same number
     again = finetune.evaluate(params(project), "siim-seg", "models:/g2d-siim-seg/latest")
     assert again["test"]["dice"] == pytest.approx(m["score"], abs=1e-6)
@@ -229,8 +236,12 @@ def test_multiclass_task_on_an_imported_manifest(project, tmp_path):
     (["--init", "global"], "--init global: "),  # the global-only model is not trained in this project
     (["--init", "g2d-encoder@champion"], "model 'g2d-encoder' has no alias 'champion'"),
     (["--frac", "0.001"], "empty subset; the smallest usable fraction is"),
+    (["--frac", "nan"], "--frac nan: a label fraction must be in (0, 1]"),
+    (["--frac", "inf"], "--frac inf: a label fraction must be in (0, 1]"),
+    (["--init", "broken.pt"], "broken.pt: not a readable g2d pre-training checkpoint"),
 ])
 def test_bad_inputs_fail_in_one_line_and_leave_nothing(project, args, message):
+    (project / "broken.pt").write_bytes(b"not a checkpoint")
     before_models, before_runs = registered(project), runs(project)
     result = CliRunner().invoke(app, ["train", *args])
     assert result.exit_code == 1, result.output
@@ -251,6 +262,10 @@ def test_a_downstream_model_is_not_an_encoder(project):
     assert result.exit_code == 1 and "a g2d-encoder model, not a fine-tuned downstream model" in result.output
     result = CliRunner().invoke(app, ["evaluate", "--task", "rsna-det", "--model", "g2d-siim-seg/latest"])
     assert result.exit_code == 1 and "task rsna-det needs a detection model" in result.output
+    result = CliRunner().invoke(app, ["evaluate", "--task", "rsna-seg", "--model", "g2d-siim-seg/latest"])
+    assert result.exit_code == 1 and "task rsna-seg needs a segmentation model of ['opacity']" in result.output
+    result = CliRunner().invoke(app, ["evaluate", "--task", "siim-seg", "--model", "g2d-nothing/latest"])
+    assert result.exit_code == 1 and "no registered model 'g2d-nothing'" in result.output
 
 
 def test_train_cli_and_checkpoint_init(project):
@@ -274,9 +289,12 @@ def test_report_tables_and_curves(project):
                 (folder / f"{task}_{frac!r}_{init}.json").write_text(json.dumps(
                     {"task": task, "frac": frac, "init": init, "metric": metric, "score": score * frac ** 0.1,
                      "train_images": 10}))
-    out = report.run(params(project))
+    (folder / "siim-seg_0.5_g2d.json").write_text(json.dumps(
+        {"task": "siim-seg", "frac": 0.5, "init": "g2d", "metric": "dice", "score": 0.5, "train_images": 8}))
+    out = report.run(params(project, "matrix.fractions=[0.01, 1.0]"))
     md = out.markdown.read_text()
     assert "## Table 1" in md and "## Table 4" in md and out.cells == 12
+    assert "`siim-seg_0.5_g2d.json`: siim-seg 0.5 init g2d" in md.split("## Other runs")[1]  # listed, not tabled
     g2d_row = next(line for line in md.splitlines() if line.startswith("| G2D |") and "**" in line)
     assert g2d_row.count("**60.0**") == 1  # siim-seg 100%: G2D best, in bold
     lines = md.splitlines()
@@ -286,9 +304,50 @@ def test_report_tables_and_curves(project):
     assert out.figure.is_file() and out.figure.stat().st_size > 5000
     (folder / "broken.json").write_text("{")
     with pytest.raises(DataError, match="broken.json: not a g2d fine-tuning metrics file"):
-        report.run(params(project))
+        report.run(params(project, "matrix.fractions=[0.01, 1.0]"))
 
 
 def test_matrix_inits_must_be_named(project):
     with pytest.raises(ConfigError, match=r"matrix.inits \['imagenet'\] are not names in finetune.inits"):
         params(project, 'matrix.inits=["g2d", "imagenet"]')
+
+
+def test_fit_stops_early_and_restores_the_best_weights():
+    """A scripted validation curve: best at the 2nd validation, then 2 worse ones with patience 2."""
+    from g2d.config import Steps
+
+    model = torch.nn.Linear(2, 1)
+    x, y = torch.randn(8, 2), torch.randn(8, 1)
+    curve = iter([0.5, 0.7, 0.6, 0.4, 0.9])
+    snapshots = {}
+
+    def validate() -> float:
+        snapshots[len(snapshots) + 1] = model.weight.detach().clone()
+        return next(curve)
+
+    recipe = Steps(batch_size=4, max_steps=20, lr=0.1, eval_every=2, patience=2)
+    result = loop.fit(model, 8, recipe, 0, lambda idx: ((model(x[idx]) - y[idx]) ** 2).mean(), validate)
+    assert (result.best_step, result.best_val, result.steps, result.stopped_early) == (4, 0.7, 8, True)
+    assert torch.equal(model.weight, snapshots[2])  # the weights validated at step 4, not the last ones
+    assert [h[0] for h in result.history] == list(range(1, 9))
+
+
+def test_batches_cycle_seeded_permutations():
+    source = loop.batches(5, 2, seed=1)
+    first = [next(source).tolist() for _ in range(4)]
+    assert all(len(b) == 2 and len(set(b)) == 2 for b in first)
+    again = loop.batches(5, 2, seed=1)
+    assert [next(again).tolist() for _ in range(4)] == first
+    assert next(loop.batches(3, 16, seed=0)).tolist() != [] and len(next(loop.batches(3, 16, seed=0))) == 3
+
+
+def test_multiclass_rows_need_one_known_label(tmp_path):
+    folder = tmp_path / "cx"
+    (folder / "images").mkdir(parents=True)
+    Image.fromarray((torch.rand(16, 16) * 255).byte().numpy()).save(folder / "images" / "a.png")
+    rows = [{"id": "a", "image": "images/a.png", "patient_id": "p", "split": "test", "normal": 1, "pneumonia": "",
+             "covid": 0}]
+    mf.write_manifest(pd.DataFrame(rows), folder)
+    with pytest.raises(DataError, match=r"needs exactly one of \['normal', 'pneumonia', 'covid'\] = 1 per row; rows "
+                                        r"\['a'\]"):
+        labelled.load_split(folder, mf.read_manifest(folder), "test", tasks.get("covidx-cls"), 16)

@@ -87,12 +87,33 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     # pretrain: tracked, and its model registered; `models:/g2d-encoder/latest` resolves to it
     pretrain = json.loads((repo / "metrics" / "pretrain.json").read_text())
     assert pretrain["steps"] > 0 and pretrain["data_hash"] == metrics["sets"]["pretrain"]["sha256"]
-    [version] = client.search_model_versions("name='g2d-encoder'")
     [exp] = [e for e in client.search_experiments() if e.name == "g2d-pretrain"]
-    [run] = client.search_runs([exp.experiment_id])
-    assert run.info.status == "FINISHED" and version.run_id == run.info.run_id
+    runs = {r.data.tags["g2d.dvc_stage"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"pretrain", "pretrain-global"}
+    for stage, name in (("pretrain", "g2d-encoder"), ("pretrain-global", "g2d-encoder-global")):
+        [version] = client.search_model_versions(f"name='{name}'")
+        assert runs[stage].info.status == "FINISHED" and version.run_id == runs[stage].info.run_id
+    assert runs["pretrain-global"].data.params["pretrain.dense"] == "none"
     pulled = sh("g2d", "models", "pull", "g2d-encoder/latest", "--out", str(repo / "pulled"), cwd=repo, env=env)
     assert (repo / "pulled" / "model" / "model.safetensors").is_file(), pulled
+
+    # finetune: the tiny matrix (4 tasks x 1 fraction x 3 inits), each cell a metrics file and a version
+    cells = sorted(p.name for p in (repo / "metrics" / "finetune").glob("*.json"))
+    assert len(cells) == 12 and "siim-seg_1.0_g2d.json" in cells and "rsna-det_1.0_random.json" in cells
+    for task in ("siim-seg", "rsna-seg", "chexpert-cls", "rsna-det"):
+        assert len(client.search_model_versions(f"name='g2d-{task}'")) == 3
+    [exp] = [e for e in client.search_experiments() if e.name == "g2d-finetune"]
+    finetunes = client.search_runs([exp.experiment_id])
+    assert len(finetunes) == 12 and all(r.info.status == "FINISHED" for r in finetunes)
+    some = next(r for r in finetunes if r.data.tags["g2d.dvc_stage"] == "finetune@siim-seg-1.0-g2d")
+    assert {a.path for a in client.list_artifacts(some.info.run_id, "figures")} == {
+        "figures/siim-seg_1.0_g2d_test.png"}
+    # report: the tables, the curves, and DVC sees the metrics
+    results = (repo / "reports" / "results.md").read_text()
+    assert "## Table 1" in results and "## Table 4" in results and "| G2D |" in results
+    assert (repo / "reports" / "learning_curves.png").stat().st_size > 10_000
+    shown = sh("dvc", "metrics", "show", "--json", cwd=repo, env=env)
+    assert "metrics/finetune/chexpert-cls_1.0_global.json" in shown
 
 
 def test_notebook_runs_on_the_rendered_data(clone):
@@ -112,3 +133,15 @@ def test_notebook_runs_on_the_rendered_data(clone):
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "pretrain      rows    48" in printed
     assert "synthcxr-pretrain" in printed
+
+
+def test_train_and_evaluate_after_repro(clone):
+    """`g2d train --frac 0.01` on its own, then `g2d evaluate` of what it registered."""
+    repo, env = clone
+    if not (repo / "models" / "pretrain").is_dir():
+        sh("dvc", "repro", cwd=repo, env=env)
+    out = sh("g2d", "train", "--frac", "0.01", cwd=repo, env=env)
+    assert "siim-seg 1% labels" in out and "init g2d" in out and "registered g2d-siim-seg version" in out
+    m = json.loads((repo / "metrics" / "finetune" / "siim-seg_0.01_g2d.json").read_text())
+    shown = sh("g2d", "evaluate", "--task", "siim-seg", "--model", "models:/g2d-siim-seg/latest", cwd=repo, env=env)
+    assert f"dice {m['score']:.4f}" in shown

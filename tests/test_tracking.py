@@ -323,8 +323,8 @@ def test_latest_alias_is_refused(registered: dict, tmp_path: Path, mlflow_uri: s
         with pytest.raises(RegistryError, match="empty.*is not a folder with files"):
             tracking.register_model_dir(run, tmp_path / "empty", "enc")
     assert tracking.list_models()[0]["versions"] == [1, 2]  # nothing was registered
-    with pytest.raises(RegistryError, match="'latest' is not an alias; write enc/latest"):
-        tracking.parse_model_ref("enc@latest")
+    # `latest` is no alias MLflow lets anyone set; NAME@latest therefore reads as the newest version
+    assert tracking.parse_model_ref("enc@latest") == tracking.parse_model_ref("enc/latest")
 
 
 @pytest.mark.parametrize(
@@ -336,6 +336,7 @@ def test_latest_alias_is_refused(registered: dict, tmp_path: Path, mlflow_uri: s
         ("enc@champion", tracking.ModelRef("enc", alias="champion")),
         ("models:/enc@champion", tracking.ModelRef("enc", alias="champion")),
         ("models:/enc/latest", tracking.ModelRef("enc")),
+        ("models:/enc@latest", tracking.ModelRef("enc")),
         (" g2d-resnet50.v1/12 ", tracking.ModelRef("g2d-resnet50.v1", version=12)),
     ],
 )

@@ -48,6 +48,13 @@ class LabelledSplit:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def to(self, device: torch.device) -> LabelledSplit:
+        def move(x):
+            return x.to(device) if isinstance(x, torch.Tensor) else [t.to(device) for t in x] if x else x
+
+        return LabelledSplit(self.split, self.ids, move(self.images), move(self.masks), move(self.labels),
+                             move(self.boxes), move(self.box_labels), self.dropped)
+
 
 def _ids_sha256(ids: list[str]) -> str:
     return hashlib.sha256(("\n".join(ids) + "\n").encode()).hexdigest()
@@ -190,8 +197,8 @@ def _labels(rows: pd.DataFrame, spec: TaskSpec, where: str, dropped: Counter) ->
     if missing.any():
         dropped["missing labels, left out of loss and metrics"] = int(missing.sum())
     if spec.multiclass:
-        bad = np.flatnonzero(np.nansum(values, axis=1) != 1)
+        bad = np.flatnonzero(np.isnan(values).any(axis=1) | (np.nansum(values, axis=1) != 1))
         if len(bad):
             raise DataError(f"{where}: task {spec.name!r} needs exactly one of {list(spec.labels)} = 1 per row; rows "
-                            f"{list(rows['id'].iloc[bad[:5]])} have {np.nansum(values[bad[0]]):.0f}")
+                            f"{list(rows['id'].iloc[bad[:5]])} do not (uncertain or missing values included)")
     return torch.from_numpy(values).float()

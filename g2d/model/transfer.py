@@ -32,7 +32,7 @@ class _KeepsFrozenEval(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         for name in self._frozen:
-            getattr(self, name).eval() if hasattr(self, name) else self.get_submodule(name).eval()
+            self.get_submodule(name).eval()
         return self
 
 

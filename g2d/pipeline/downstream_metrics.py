@@ -20,7 +20,7 @@ def dice_per_image(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """(N,) Dice of binary (N, 1, H, W) masks, empty-vs-empty = 1."""
     from monai.metrics import compute_dice
 
-    return compute_dice(pred.float(), truth.float(), include_background=True, ignore_empty=False)[:, 0]
+    return compute_dice(pred.float().cpu(), truth.float().cpu(), include_background=True, ignore_empty=False)[:, 0]
 
 
 def segmentation_scores(probs: torch.Tensor, truth: torch.Tensor, threshold: float) -> dict[str, float]:
@@ -38,6 +38,7 @@ def auc_scores(scores: torch.Tensor, labels: torch.Tensor, classes: tuple[str, .
     """Per-class ROC AUC on the rows whose label is known, and their macro mean."""
     from monai.metrics import compute_roc_auc
 
+    scores, labels = scores.float().cpu(), labels.cpu()
     out: dict[str, float] = {}
     per_class = []
     for c, name in enumerate(classes):
@@ -57,6 +58,7 @@ def auc_scores(scores: torch.Tensor, labels: torch.Tensor, classes: tuple[str, .
 
 def accuracy_scores(scores: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict[str, float]:
     """Multi-class: accuracy of the arg-max, plus one-vs-rest macro AUC."""
+    scores, labels = scores.float().cpu(), labels.cpu()
     truth = labels.argmax(1)
     out = {"accuracy": float((scores.argmax(1) == truth).float().mean())}
     out.update(auc_scores(torch.softmax(scores.float(), 1), labels, classes))
@@ -77,11 +79,15 @@ def mean_ap(predictions: list[dict[str, torch.Tensor]], boxes: list[torch.Tensor
         pred_boxes=[p["boxes"].detach().cpu().numpy() for p in predictions],
         pred_classes=[p["labels"].detach().cpu().numpy() - 1 for p in predictions],
         pred_scores=[p["scores"].detach().cpu().numpy() for p in predictions],
-        gt_boxes=[b.numpy() for b in boxes], gt_classes=[lab.numpy() - 1 for lab in labels],
+        gt_boxes=[b.cpu().numpy() for b in boxes], gt_classes=[lab.cpu().numpy() - 1 for lab in labels],
         max_detections=max_detections)
     values = metric(matched)[0]
     lo, hi, step = MAP_IOU_RANGE
-    out = {"map": float(values[f"mAP_IoU_{lo:.2f}_{hi:.2f}_{step:.2f}_MaxDet_{max_detections}"]),
-           "ap50": float(values[f"AP_IoU_0.50_MaxDet_{max_detections}"]),
-           "images": len(boxes), "boxes": int(sum(len(b) for b in boxes))}
-    return {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+    def value(key: str) -> float:  # MONAI writes -1 where there is no truth box to score against
+        v = float(values[key])
+        return math.nan if v < 0 else v
+
+    return {"map": value(f"mAP_IoU_{lo:.2f}_{hi:.2f}_{step:.2f}_MaxDet_{max_detections}"),
+            "ap50": value(f"AP_IoU_0.50_MaxDet_{max_detections}"),
+            "images": len(boxes), "boxes": int(sum(len(b) for b in boxes))}

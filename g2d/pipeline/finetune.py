@@ -25,6 +25,7 @@ from g2d.data import manifest as mf
 from g2d.errors import ConfigError
 from g2d.pipeline import initialisation, model_files, runtime
 from g2d.pipeline.downstream import classification, detection, segmentation
+from g2d.pipeline.downstream.fit import TrainingError
 from g2d.progress import Reporter, silent
 
 FAMILIES = {"segmentation": segmentation, "classification": classification, "detection": detection}
@@ -48,9 +49,13 @@ def init_label(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "init"
 
 
-def metrics_path(params: Params, task: str, frac: float, init: str) -> Path:
+def metrics_path(params: Params, task: str, frac: float, init: str, seed: int) -> Path:
+    """metrics/finetune/<task>_<frac>_<init>.json; another seed than params' gets `_seed<S>`, so it never
+    overwrites a cell of the DVC matrix."""
     root = tracking.project_root()
-    return resolve_path(root, params.paths.metrics) / "finetune" / f"{task}_{frac_label(frac)}_{init_label(init)}.json"
+    suffix = "" if seed == params.seed else f"_seed{seed}"
+    name = f"{task}_{frac_label(frac)}_{init_label(init)}{suffix}.json"
+    return resolve_path(root, params.paths.metrics) / "finetune" / name
 
 
 def parse_frac(text: str | float) -> float:
@@ -58,7 +63,7 @@ def parse_frac(text: str | float) -> float:
         frac = float(text)
     except (TypeError, ValueError):
         raise ConfigError(f"--frac {text!r} is not a number; give a label fraction in (0, 1], e.g. 0.01") from None
-    if not (0 < frac <= 1) or math.isnan(frac):
+    if not (0 < frac <= 1):  # NaN fails this too
         raise ConfigError(f"--frac {text}: a label fraction must be in (0, 1], e.g. 0.01 for 1% of the labels")
     return frac
 
@@ -85,7 +90,8 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
     chosen = labelled.fraction(folder, df, frac)
     start = initialisation.resolve(init, params, root)
     family = FAMILIES[spec.kind]
-    data = _load_data(spec, folder, ft.image_size, chosen.ids, reporter)
+    dev = runtime.device()
+    data = {s: d.to(dev) for s, d in _load_data(spec, folder, ft.image_size, chosen.ids, reporter).items()}
     info = mf.read_info(folder)
     data_hash = info.get("sha256") or mf.dataset_hash(folder)
 
@@ -95,7 +101,7 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
               "image_size": ft.image_size, "init": start.name, "init_source": start.source,
               "init_sha256": start.sha256, "init_dense": start.dense, "frac": frac, "seed": seed,
               "data_hash": data_hash, "fraction_sha256": chosen.sha256}
-    net = family.wrap(unet, spec, ft, config)
+    net = family.wrap(unet, spec, ft, config).to(dev)
     encoder_before = {k: v.clone() for k, v in unet.encoder.state_dict().items()}
 
     run_info = {"task": spec.name, "kind": spec.kind, "frac": frac, "init": start.name, "seed": seed,
@@ -103,7 +109,7 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
     tags = {"g2d.task": spec.name, "g2d.frac": frac_label(frac), "g2d.init": start.name,
             "g2d.init_source": start.source, "g2d.init_sha256": start.sha256, "g2d.seed": str(seed),
             "g2d.fraction_sha256": chosen.sha256, "g2d.fraction_source": chosen.source}
-    out_path = metrics_path(params, spec.name, frac, start.name)
+    out_path = metrics_path(params, spec.name, frac, start.name, seed)
     with tracking.start_run("finetune", config={**to_dict(params), "run": run_info}, data_hash=data_hash,
                             tags=tags, uri=params.tracking.uri) as tr:
         tr.log_dataset(f"{spec.name}-{folder.name}", source=str(folder / mf.MANIFEST), digest=data_hash,
@@ -117,7 +123,8 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
         if frozen:  # the paper's frozen protocol, checked rather than assumed
             unchanged = all(torch.equal(encoder_before[k], v) for k, v in unet.encoder.state_dict().items())
             if not unchanged:
-                raise RuntimeError("the frozen encoder changed during fine-tuning")
+                raise TrainingError(f"{spec.name}: the frozen encoder changed during fine-tuning; this is a bug "
+                                    "in g2d, please report it with the params used")
         metrics = {
             "task": spec.name, "kind": spec.kind, "metric": spec.metric, "frac": frac, "init": start.name,
             "init_source": start.source, "init_dense": start.dense, "seed": seed,
@@ -132,7 +139,7 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
                         (isinstance(v, float) and math.isnan(v))}, step=result.steps)
         tr.log_metrics({"best_step": result.best_step}, step=result.steps)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+        out_path.write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n")
         tr.log_artifact(out_path)
         name = f"g2d-{spec.name}"
         with tempfile.TemporaryDirectory(prefix="g2d-finetune-") as tmp:
@@ -154,10 +161,15 @@ def _frozen_encoder(spec, ft) -> bool:
     return (ft.segmentation if spec.kind == "segmentation" else ft.detection).freeze_encoder
 
 
-def _json_default(o):
-    if isinstance(o, float) and math.isnan(o):
+def _finite(obj):
+    """NaN (an undefined AUC, a validation never defined) as JSON null: JSON has no NaN."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    return str(o)
+    return obj
 
 
 def _card(name: str, config: dict, metrics: dict, run_id: str) -> str:
@@ -219,13 +231,15 @@ def evaluate(params: Params, task: str | None, model: str, reporter: Reporter = 
             source = f"models:/{info.name}/{info.version}"
             model_dir = tracking.pull_model(source, Path(tmp) / "pulled", uri=params.tracking.uri)
         net, config = load_model(model_dir)
-    if config["kind"] != spec.kind or list(config.get("classes", spec.labels)) != list(spec.labels):
+    if config["kind"] != spec.kind or list(config.get("classes", [])) != list(spec.labels):
         raise model_files.ModelFilesError(
-            f"{source}: a {config['kind']} model for {config.get('task')} "
-            f"({config.get('classes', '')}); task {spec.name} needs a {spec.kind} model of {list(spec.labels)}")
+            f"{source}: a {config['kind']} model for {config.get('task')} ({config.get('classes')}); task "
+            f"{spec.name} needs a {spec.kind} model of {list(spec.labels)}")
     df = mf.read_manifest(folder)
     advance = reporter.task(f"load {spec.name} test images", int((df["split"] == "test").sum()))
-    test = labelled.load_split(folder, df, "test", spec, int(config["image_size"]), progress=advance)
+    dev = runtime.device()
+    test = labelled.load_split(folder, df, "test", spec, int(config["image_size"]), progress=advance).to(dev)
+    net = net.to(dev)
     data_hash = mf.read_info(folder).get("sha256") or mf.dataset_hash(folder)
     tags = {"g2d.task": spec.name, "g2d.model": source}
     with tracking.start_run("evaluate", config={"task": spec.name, "model": source, "model_config": config},

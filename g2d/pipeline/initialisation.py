@@ -103,7 +103,11 @@ def _from_folder(name: str, folder: Path) -> Init:
 
 
 def _from_checkpoint(name: str, path: Path) -> Init:
-    state = runtime.load_checkpoint(path)
+    try:
+        state = runtime.load_checkpoint(path)
+    except runtime.CheckpointError:
+        raise InitError(f"--init {path}: not a readable g2d pre-training checkpoint; give a checkpoint.pt written "
+                        "by `g2d pretrain`, a model folder or 'random'") from None
     try:
         identity = json.loads(state["identity"])
         cfg = Model.model_validate({k.removeprefix("model."): v for k, v in identity.items()

@@ -35,7 +35,8 @@ def collect(folder: Path) -> list[dict]:
         try:
             m = json.loads(path.read_text())
             rows.append({"task": m["task"], "frac": float(m["frac"]), "init": m["init"], "metric": m["metric"],
-                         "score": m["score"], "train_images": m["train_images"], "file": path.name})
+                         "score": m["score"], "train_images": m["train_images"], "seed": m.get("seed"),
+                         "file": path.name})
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(f"{path}: not a g2d fine-tuning metrics file ({type(e).__name__}: {e}); delete it or "
                             "re-run its finetune stage") from None
@@ -72,7 +73,13 @@ def table(rows: list[dict], task_names: list[str], inits: list[str], fracs: list
     return lines
 
 
-def markdown(rows: list[dict], inits: list[str]) -> str:
+def in_matrix(row: dict, params: Params) -> bool:
+    m = params.matrix
+    return (row["task"] in m.tasks and row["frac"] in m.fractions and row["init"] in m.inits
+            and row.get("seed") in (None, params.seed))
+
+
+def markdown(rows: list[dict], inits: list[str], others: list[dict] = ()) -> str:
     present = {r["task"] for r in rows}
     fracs = sorted({r["frac"] for r in rows})
     inits = _order({r["init"] for r in rows}, inits)
@@ -97,6 +104,10 @@ def markdown(rows: list[dict], inits: list[str]) -> str:
             "Protocols: segmentation and detection keep the pre-trained encoder frozen (params "
             "`finetune.*.freeze_encoder`); the linear probe always does. The paper detects with YOLOv3; g2d uses "
             "torchvision's RetinaNet with an FPN on the same encoder.", ""]
+    if others:
+        out += ["## Other runs in metrics/finetune (outside params.matrix, not in the tables)", ""]
+        out += [f"- `{r['file']}`: {r['task']} {r['frac']:g} init {r['init']} seed {r['seed']}: {r['metric']} "
+                f"{_cell(r['score'])}" for r in others] + [""]
     return "\n".join(out)
 
 
@@ -147,15 +158,18 @@ def figure(rows: list[dict], inits: list[str], path: Path) -> Path:
 def run(params: Params) -> ReportOutcome:
     root = tracking.project_root()
     source = resolve_path(root, params.paths.metrics) / "finetune"
-    rows = collect(source) if source.is_dir() else []
+    found = collect(source) if source.is_dir() else []
+    rows = [r for r in found if in_matrix(r, params)]
+    others = [r for r in found if not in_matrix(r, params)]
     if not rows:
-        raise DataError(f"{source}: no fine-tuning metrics to report; run `dvc repro` or `g2d train` first")
+        raise DataError(f"{source}: no fine-tuning metrics of params.matrix to report ({len(others)} others); run "
+                        "`dvc repro` or `g2d train` first")
     out = root / REPORTS
     inits = [i for i in BASELINES_FIRST if i in params.matrix.inits] + [
         i for i in params.matrix.inits if i not in BASELINES_FIRST]
     md = out / "results.md"
     out.mkdir(parents=True, exist_ok=True)
-    md.write_text(markdown(rows, inits))
+    md.write_text(markdown(rows, inits, others))
     csvs = curves(rows, inits, out / "curves")
     png = figure(rows, inits, out / "learning_curves.png")
     with tracking.start_run("report", config=to_dict(params), uri=params.tracking.uri,

@@ -48,7 +48,8 @@ def fit(net: LinearProbe, data: dict[str, LabelledSplit], spec: TaskSpec, cfg: F
         advance, log) -> loop.FitResult:
     train, val = data["train"], data["val"]
     features = {name: loop.in_batches(net.features, split.images) for name, split in (("train", train), ("val", val))}
-    net.set_standardisation(features["train"])
+    if len(train) > 1:  # one image has no spread to standardise by
+        net.set_standardisation(features["train"])
 
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
         return _loss(net.classify(features["train"][idx]), train.labels[idx], spec.multiclass)

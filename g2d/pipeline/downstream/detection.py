@@ -56,7 +56,9 @@ def predict(net: nn.Module, split: LabelledSplit, size: int = 32) -> list[dict]:
     net.eval()
     out: list[dict] = []
     for i in range(0, len(split), size):
-        out += net(list(split.images[i:i + size]))
+        for p in net(list(split.images[i:i + size])):
+            keep = p["labels"] > 0  # index 0 is torchvision's background, never a class
+            out.append({k: v[keep] for k, v in p.items()})
     return out
 
 

@@ -18,8 +18,8 @@ from g2d.pipeline.downstream_metrics import segmentation_scores
 
 
 def wrap(unet: nn.Module, spec: TaskSpec, cfg: Finetune, config: dict) -> nn.Module:
-    config.update(freeze_encoder=cfg.segmentation.freeze_encoder, transfer=cfg.segmentation.transfer,
-                  threshold=cfg.segmentation.threshold)
+    config.update(classes=list(spec.labels), freeze_encoder=cfg.segmentation.freeze_encoder,
+                  transfer=cfg.segmentation.transfer, threshold=cfg.segmentation.threshold)
     return rewrap(unet, config)
 
 
