@@ -191,6 +191,8 @@ class Segmentation(Steps):
         "encoder", description="what the pre-trained model gives: the encoder, or the encoder and its U-Net decoder"
     )
     threshold: float = Field(0.5, gt=0, lt=1, description="on the sigmoid, for Dice")
+    prior: float = Field(0.01, gt=0, lt=1, description="foreground probability a fresh head starts at (its bias, "
+                         "RetinaNet's prior): predictions start empty, not half foreground")
 
 
 class Probe(Steps):

@@ -49,3 +49,19 @@ def mlflow_uri(project_dir: Path, mlflow_template_db: Path, monkeypatch: pytest.
     uri = f"sqlite:///{db.as_posix()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def tiny_synthcxr_project(root: Path):
+    """A project folder at `root` with params.tiny.yaml as params.yaml and its SynthCXR rendered;
+    returns the params."""
+    from g2d.config import load_params
+    from g2d.data.sources import embedded
+    from g2d.data.synthcxr import build
+
+    root.mkdir(parents=True)
+    (root / "dvc.yaml").write_text("")
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.tiny.yaml", root / "params.yaml")
+    params = load_params(root / "params.yaml")
+    embedded.fetch(root / "data")
+    build.build(params.synth, root / "data", root / params.paths.synthcxr)
+    return params

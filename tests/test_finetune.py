@@ -19,11 +19,10 @@ from g2d.cli import app
 from g2d.config import load_params
 from g2d.data import labelled, tasks
 from g2d.data import manifest as mf
-from g2d.data.sources import embedded
-from g2d.data.synthcxr import build
 from g2d.errors import ConfigError, DataError
 from g2d.pipeline import finetune, initialisation, pretrain, report, runtime
 from g2d.pipeline.downstream import fit as loop
+from tests.conftest import tiny_synthcxr_project
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,12 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_project(tmp_path_factory, mlflow_template_db) -> Path:
     """params.tiny.yaml, its SynthCXR rendered and a tiny G2D pre-trained (the `g2d` init)."""
     root = tmp_path_factory.mktemp("finetune") / "project"
-    root.mkdir()
-    (root / "dvc.yaml").write_text("")
-    shutil.copy(ROOT / "params.tiny.yaml", root / "params.yaml")
-    params = load_params(root / "params.yaml")
-    embedded.fetch(root / "data")
-    build.build(params.synth, root / "data", root / params.paths.synthcxr)
+    params = tiny_synthcxr_project(root)
     shutil.copyfile(mlflow_template_db, root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -351,3 +345,15 @@ def test_multiclass_rows_need_one_known_label(tmp_path):
     with pytest.raises(DataError, match=r"needs exactly one of \['normal', 'pneumonia', 'covid'\] = 1 per row; rows "
                                         r"\['a'\]"):
         labelled.load_split(folder, mf.read_manifest(folder), "test", tasks.get("covidx-cls"), 16)
+
+
+def test_a_fresh_segmentation_head_starts_predicting_no_finding(project):
+    from g2d.pipeline.downstream import segmentation
+
+    p = params(project)
+    start = initialisation.resolve("g2d", p, project)
+    net = segmentation.wrap(initialisation.build_unet(start, False), tasks.get("siim-seg"), p.finetune, {})
+    with torch.no_grad():
+        probs = torch.sigmoid(net(torch.rand(2, 1, 64, 64)))
+    assert torch.sigmoid(net.unet.segmentation_head[0].bias).item() == pytest.approx(0.01)
+    assert (probs < 0.5).float().mean() > 0.9  # nothing above the Dice threshold at the start

@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 
 from g2d import tracking
 from g2d.config import load_params
-from g2d.data.sources import embedded
-from g2d.data.synthcxr import build
 from g2d.pipeline import model_files, pretrain
+from tests.conftest import tiny_synthcxr_project
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,12 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_project(tmp_path_factory) -> Path:
     """A project folder with params.tiny.yaml as params.yaml and its SynthCXR rendered."""
     root = tmp_path_factory.mktemp("pretrain") / "project"
-    root.mkdir()
-    (root / "dvc.yaml").write_text("")
-    shutil.copy(ROOT / "params.tiny.yaml", root / "params.yaml")
-    params = load_params(root / "params.yaml")
-    embedded.fetch(root / "data")
-    build.build(params.synth, root / "data", root / params.paths.synthcxr)
+    tiny_synthcxr_project(root)
     return root
 
 

@@ -36,6 +36,7 @@ def collect(folder: Path) -> list[dict]:
             m = json.loads(path.read_text())
             rows.append({"task": m["task"], "frac": float(m["frac"]), "init": m["init"], "metric": m["metric"],
                          "score": m["score"], "train_images": m["train_images"], "seed": m.get("seed"),
+                         "dice_positive": (m.get("test") or {}).get("dice_positive"),
                          "file": path.name})
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(f"{path}: not a g2d fine-tuning metrics file ({type(e).__name__}: {e}); delete it or "
@@ -51,10 +52,12 @@ def _cell(score) -> str:
     return "–" if score is None or (isinstance(score, float) and math.isnan(score)) else f"{100 * score:.1f}"
 
 
-def table(rows: list[dict], task_names: list[str], inits: list[str], fracs: list[float]) -> list[str]:
+def table(rows: list[dict], task_names: list[str], inits: list[str], fracs: list[float],
+          key: str = "score", title: str | None = None) -> list[str]:
     """One markdown table: a row per init, a column per task x fraction (values x 100, best in bold)."""
-    index = {(r["task"], r["frac"], r["init"]): r["score"] for r in rows}
-    head = ["Method"] + [f"{t} {METRIC_TITLES.get(tasks.get(t).metric, '')} {f:.0%}" for t in task_names for f in fracs]
+    index = {(r["task"], r["frac"], r["init"]): r.get(key) for r in rows}
+    head = ["Method"] + [f"{t} {title or METRIC_TITLES.get(tasks.get(t).metric, '')} {f:.0%}"
+                         for t in task_names for f in fracs]
     best = {}
     for t in task_names:
         for f in fracs:
@@ -92,6 +95,12 @@ def markdown(rows: list[dict], inits: list[str], others: list[dict] = ()) -> str
     if dense:
         out += ["## Table 1: segmentation (Dice per image) and detection (mAP over IoU 0.4:0.05:0.75)", ""]
         out += table(rows, dense, inits, fracs) + [""]
+    seg = [t for t in dense if tasks.get(t).kind == "segmentation"]
+    if seg:
+        out += ["Dice per image gives an image without a finding 1 when nothing is predicted, so a model that "
+                "predicts nothing scores the share of such images (half of SynthCXR's test sets). Dice on the "
+                "test images that have a finding:", ""]
+        out += table(rows, seg, inits, fracs, key="dice_positive", title="Dice+") + [""]
     if cls:
         out += ["## Table 4: linear classification (macro AUC; accuracy for one-of-K tasks)", ""]
         out += table(rows, cls, inits, fracs) + [""]

@@ -3,6 +3,7 @@ trained with 1/2 (Dice + BCE), scored by Dice per image at `threshold`."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -20,7 +21,11 @@ from g2d.pipeline.downstream_metrics import segmentation_scores
 def wrap(unet: nn.Module, spec: TaskSpec, cfg: Finetune, config: dict) -> nn.Module:
     config.update(classes=list(spec.labels), freeze_encoder=cfg.segmentation.freeze_encoder,
                   transfer=cfg.segmentation.transfer, threshold=cfg.segmentation.threshold)
-    return rewrap(unet, config)
+    net = rewrap(unet, config)
+    if not uses_decoder(cfg):  # a fresh head: start from "no finding" everywhere
+        prior = cfg.segmentation.prior
+        nn.init.constant_(net.unet.segmentation_head[0].bias, -math.log((1 - prior) / prior))
+    return net
 
 
 def rewrap(unet: nn.Module, config: dict) -> nn.Module:
