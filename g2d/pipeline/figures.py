@@ -77,8 +77,8 @@ def _save(plt, fig, path: Path) -> Path:
 
 def segmentation_grid(images: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, ids: list[str],
                       captions: list[str], title: str, path: Path) -> Path:
-    """Each image with its truth outlined in green and the prediction filled in red."""
-    plt, fig, axes = _grid(len(images), title + "  (green: truth outline, red: prediction)")
+    """Each image with its truth outlined in green and the prediction filled in yellow."""
+    plt, fig, axes = _grid(len(images), title + "  (green: truth outline, yellow: prediction)")
     for i, ax in enumerate(axes[: len(images)]):
         ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         p = pred[i, 0].cpu().numpy().astype(np.float32)
