@@ -191,8 +191,9 @@ def test_linear_probe_and_random_init(project):
     assert json.dumps(again.metrics["test"], sort_keys=True) == json.dumps(m["test"], sort_keys=True)
 
 
-def test_detection_end_to_end(project):
-    out = finetune.run(params(project), task="rsna-det", frac=1.0, init="g2d")
+def test_detection_end_to_end_from_the_registry(project):
+    out = finetune.run(params(project), task="rsna-det", frac=1.0, init="models:/g2d-encoder@latest")
+    assert out.metrics["init_source"] == "models:/g2d-encoder/1"
     assert out.metrics["metric"] == "map" and 0 <= out.metrics["score"] <= 1
     assert out.metrics["test"]["boxes"] > 0
     assert "g2d-rsna-det" in registered(project)
