@@ -53,12 +53,17 @@ class Splits(Strict):
     @field_validator("fractions")
     @classmethod
     def _fractions_in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        for f in v:
-            if not 0 < f <= 1:
-                raise ValueError(f"every fraction must be in (0, 1], got {f}")
+        _in_unit_interval(v)
         if list(v) != sorted(set(v)):
             raise ValueError(f"fractions must be increasing and distinct, got {list(v)}")
         return v
+
+
+def _in_unit_interval(fractions: tuple[float, ...]) -> tuple[float, ...]:
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise ValueError(f"every fraction must be in (0, 1], got {f}")
+    return fractions
 
 
 class Synth(Strict):
@@ -256,10 +261,7 @@ class Matrix(Strict):
     @field_validator("fractions")
     @classmethod
     def _in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        for f in v:
-            if not 0 < f <= 1:
-                raise ValueError(f"every fraction must be in (0, 1], got {f}")
-        return v
+        return _in_unit_interval(v)
 
 
 class Params(Strict):

@@ -43,11 +43,7 @@ def attention_grid(images: torch.Tensor, attention: torch.Tensor, masks: torch.T
                 ax.set_title(name, fontsize=8)
         axes[r][0].set_ylabel(ids[r], fontsize=6)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _grid(n: int, title: str):
@@ -64,10 +60,13 @@ def _grid(n: int, title: str):
         ax.set_yticks([])
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    return plt, fig, list(axes.flat)
+    return fig, list(axes.flat)
 
 
-def _save(plt, fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -78,7 +77,7 @@ def _save(plt, fig, path: Path) -> Path:
 def segmentation_grid(images: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, ids: list[str],
                       captions: list[str], title: str, path: Path) -> Path:
     """Each image with its truth outlined in green and the prediction filled in yellow."""
-    plt, fig, axes = _grid(len(images), title + "  (green: truth outline, yellow: prediction)")
+    fig, axes = _grid(len(images), title + "  (green: truth outline, yellow: prediction)")
     for i, ax in enumerate(axes[: len(images)]):
         ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         p = pred[i, 0].cpu().numpy().astype(np.float32)
@@ -87,7 +86,7 @@ def segmentation_grid(images: torch.Tensor, truth: torch.Tensor, pred: torch.Ten
         if t.any():
             ax.contour(t, levels=[0.5], colors="lime", linewidths=0.8)
         ax.set_title(f"{ids[i]}\n{captions[i]}", fontsize=7)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def detection_grid(images: torch.Tensor, truth: list[torch.Tensor], predictions: list[dict], ids: list[str],
@@ -95,7 +94,7 @@ def detection_grid(images: torch.Tensor, truth: list[torch.Tensor], predictions:
     """Truth boxes in green, the `top` highest-scoring detections in red with their scores."""
     from matplotlib.patches import Rectangle
 
-    plt, fig, axes = _grid(len(images), title + "  (green: truth, red: top detections)")
+    fig, axes = _grid(len(images), title + "  (green: truth, red: top detections)")
     for i, ax in enumerate(axes[: len(images)]):
         ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         for x0, y0, x1, y1 in truth[i].tolist():
@@ -106,13 +105,13 @@ def detection_grid(images: torch.Tensor, truth: list[torch.Tensor], predictions:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=1))
             ax.text(x0, y0, f"{float(predictions[i]['scores'][j]):.2f}", color="red", fontsize=6)
         ax.set_title(ids[i], fontsize=7)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def labelled_grid(images: torch.Tensor, ids: list[str], captions: list[str], title: str, path: Path) -> Path:
     """Images with a caption each (classification: truth and the top predicted labels)."""
-    plt, fig, axes = _grid(len(images), title)
+    fig, axes = _grid(len(images), title)
     for i, ax in enumerate(axes[: len(images)]):
         ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"{ids[i]}\n{captions[i]}", fontsize=6)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)

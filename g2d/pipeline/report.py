@@ -143,6 +143,8 @@ def figure(rows: list[dict], inits: list[str], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from g2d.pipeline.figures import save_figure
+
     task_names = _order({r["task"] for r in rows}, list(tasks.TASKS))
     fig, axes = plt.subplots(1, len(task_names), figsize=(3.6 * len(task_names), 3.2), dpi=100, squeeze=False)
     for ax, t in zip(axes[0], task_names, strict=True):
@@ -160,11 +162,7 @@ def figure(rows: list[dict], inits: list[str], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Test metric against label fraction, one line per init", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run(params: Params) -> ReportOutcome:
