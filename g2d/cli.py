@@ -238,6 +238,94 @@ def evaluate(
     typer.echo(f"{out['task']} test, {out['model']}: {scores}  (MLflow run {out['run_id']})")
 
 
+ModelOpt = Annotated[str, typer.Option("--model", help="pre-trained encoder: g2d / global (finetune.inits), a model "
+                                      "folder, or a registered model (models:/g2d-encoder/latest, NAME@ALIAS)")]
+
+
+@app.command("zeroshot")
+@handles_errors
+def zeroshot(
+    model: ModelOpt = "g2d",
+    task: Annotated[str | None, typer.Option("--task", help="synthcxr, siim, rsna, chexpert-5x200 or chestxray14 "
+                                             "(default: zeroshot.task)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Zero-shot classification from '<finding>' vs 'no <finding>' prompts (the `zeroshot` DVC stage)."""
+    from g2d.pipeline import zeroshot as stage
+    from g2d.progress import rich_progress
+
+    cfg = _params(params, set_)
+    with rich_progress() as reporter:
+        out = stage.run(cfg, model, task, reporter)
+    m, t = out.metrics, out.metrics["test"]
+    chance = "chance 0.5" if m["metric"] == "auc" else f"chance {t['chance_accuracy']:.3f}"
+    typer.echo(f"{m['task']} {m['split']} ({m['images']} images, {len(m['classes'])} classes), {m['model']}: "
+               f"{m['metric']} {m['score']:.4f} ({chance}), F1 {t['f1']:.4f}, accuracy {t['accuracy']:.4f}")
+    typer.echo(f"metrics {out.metrics_path}  (MLflow run {out.run_id})")
+
+
+@app.command("ground")
+@handles_errors
+def ground(
+    model: ModelOpt = "g2d",
+    task: Annotated[str | None, typer.Option("--task", help="synthcxr, siim, rsna or ms-cxr "
+                                             "(default: zeroshot.grounding.task)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Zero-shot grounding: pointing game, IoU / Dice and CNR of phrase heat maps (the `ground` DVC stage)."""
+    from g2d.pipeline import grounding as stage
+    from g2d.progress import rich_progress
+
+    cfg = _params(params, set_)
+    with rich_progress() as reporter:
+        out = stage.run(cfg, model, task, reporter)
+    m, t = out.metrics, out.metrics["test"]
+    typer.echo(f"{m['task']} {m['split']} ({t['targets']} findings on {t['images']} images), {m['model']}: pointing "
+               f"{t['pointing']:.4f} (chance {t['pointing_chance']:.4f}), IoU {t['iou']:.4f}, Dice {t['dice']:.4f} "
+               f"at threshold {t['threshold']:g}, CNR {t['cnr']:.4f}")
+    typer.echo(f"metrics {out.metrics_path}, report page {out.page}  (MLflow run {out.run_id})")
+
+
+def _box(text: str | None) -> tuple[float, float, float, float] | None:
+    from g2d.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--box {text!r}: expected four numbers x0,y0,x1,y1 in pixels of the image") from None
+    if not (x1 > x0 and y1 > y0):
+        raise ConfigError(f"--box {text}: needs x1 > x0 and y1 > y0 (x0,y0 is the top-left corner)")
+    return x0, y0, x1, y1
+
+
+@app.command("explain")
+@handles_errors
+def explain(
+    image: Annotated[Path, typer.Argument(help="a DICOM, PNG or JPG chest X-ray")],
+    prompt: Annotated[list[str], typer.Option("--prompt", help="a phrase to locate (repeatable)")],
+    out: Annotated[Path, typer.Option("--out", help="PNG to draw the heat maps into")] = Path("heatmap.png"),
+    box: Annotated[str | None, typer.Option("--box", help="truth box x0,y0,x1,y1 in pixels, drawn and scored")] = None,
+    model: ModelOpt = "g2d",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Where the model looks for each prompt in one image: heat maps with contours over the image."""
+    from g2d.inference import explain as draw
+
+    truth = _box(box)
+    cfg = _params(params, set_, defaults_if_missing=True)
+    pred, path = draw(image, prompt, out, model=model, box=truth, params=cfg)
+    hits = pred.pointing(truth) if truth else [None] * len(prompt)
+    for p, s, hit in zip(pred.prompts, pred.scores, hits, strict=True):
+        where = "" if hit is None else f", maximum {'inside' if hit else 'outside'} the box"
+        typer.echo(f"{s:+.4f}  {p!r}{where}")
+    typer.echo(f"{path}  ({pred.image.shape[1]} x {pred.image.shape[0]} px, model {pred.model})")
+
+
 @app.command("report")
 @handles_errors
 def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:

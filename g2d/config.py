@@ -242,12 +242,77 @@ class Finetune(Strict):
         return _multiple_of_32(v)
 
 
+# Zero-shot tasks (g2d zeroshot) and grounding tasks (g2d ground); g2d/pipeline/zeroshot_tasks.py says what each reads.
+ZeroshotTask = Literal["synthcxr", "siim", "rsna", "chexpert-5x200", "chestxray14"]
+GroundingTask = Literal["synthcxr", "siim", "rsna", "ms-cxr"]
+FINDING = "{finding}"
+
+
+class Grounding(Strict):
+    """`g2d ground`: the prompt's similarity with every location of the last feature map, scored against the
+    finding's mask (pointing game, IoU and Dice after binarising, contrast-to-noise ratio)."""
+
+    task: GroundingTask = Field("synthcxr", description="default --task")
+    thresholds: tuple[float, ...] = Field(
+        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), min_length=1,
+        description="candidates for binarising the [0, 1]-scaled heat map; the best val Dice is used on test")
+    examples: int = Field(12, ge=1, le=48, description="image / phrase / heat map / truth panels on the report page")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _open_unit(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [t for t in v if not 0 < t < 1]
+        if bad:
+            raise ValueError(f"thresholds must lie in (0, 1), got {bad}")
+        return tuple(sorted(set(v)))
+
+
+class Zeroshot(Strict):
+    """`g2d zeroshot` and `g2d ground`: the pre-trained towers used without labels (paper Table 2)."""
+
+    task: ZeroshotTask = Field("synthcxr", description="default --task of g2d zeroshot")
+    datasets: dict[str, str] = Field({}, description="zero-shot / grounding task -> dataset folder; absent = its "
+                                     "SynthCXR set")
+    phrases: dict[str, str] = Field(
+        {"device": "medical device", "edema": "pulmonary edema", "effusion": "pleural effusion",
+         "granuloma": "calcified granuloma", "opacity": "lung opacity", "scar": "scarring"},
+        description="label column or finding -> the words prompts use (absent: the name, '_' as spaces)")
+    positive: tuple[str, ...] = Field(("{finding}", "there is {finding}", "findings consistent with {finding}"),
+                                      min_length=1, description="templates of the positive prompt")
+    negative: tuple[str, ...] = Field(("no {finding}", "there is no {finding}", "no evidence of {finding}"),
+                                      min_length=1, description="templates of the negative prompt")
+    ensemble: bool = Field(True, description="average every template's embedding (false: the first template only)")
+    split: Literal["val", "test"] = Field("test", description="split that is scored")
+    batch_size: int = Field(64, ge=1)
+    grounding: Grounding = Grounding()
+
+    @field_validator("positive", "negative")
+    @classmethod
+    def _one_slot(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [t for t in v if t.count(FINDING) != 1]
+        if bad:
+            raise ValueError(f"each template needs {FINDING} exactly once, e.g. 'no {FINDING}'; got {bad}")
+        return v
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_tasks(cls, v: dict[str, str]) -> dict[str, str]:
+        known = set(ZeroshotTask.__args__) | set(GroundingTask.__args__)
+        bad = sorted(set(v) - known)
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; zero-shot and grounding tasks are {sorted(known)}")
+        return v
+
+
 class Matrix(Strict):
-    """The `finetune` DVC stage's matrix (dvc.yaml reads these lists): tasks x fractions x inits."""
+    """The DVC matrices (dvc.yaml reads these lists): finetune = tasks x fractions x inits; zeroshot and ground
+    score each of `encoders`."""
 
     tasks: tuple[Task, ...] = Field(("siim-seg", "rsna-seg", "chexpert-cls", "rsna-det"), min_length=1)
     fractions: tuple[float, ...] = Field((0.01, 0.1, 1.0), min_length=1)
     inits: tuple[str, ...] = Field(("g2d", "global", "random"), min_length=1)
+    encoders: tuple[str, ...] = Field(("g2d", "global"), min_length=1,
+                                      description="pre-trained encoders the zeroshot / ground stages score")
 
     @field_validator("fractions", mode="before")
     @classmethod
@@ -273,13 +338,15 @@ class Params(Strict):
     pretrain: Pretrain = Pretrain()
     finetune: Finetune = Finetune()
     matrix: Matrix = Matrix()
+    zeroshot: Zeroshot = Zeroshot()
 
     @model_validator(mode="after")
     def _matrix_inits_named(self) -> Params:
-        unknown = [i for i in self.matrix.inits if i not in self.finetune.inits]
-        if unknown:
-            raise ValueError(f"matrix.inits {unknown} are not names in finetune.inits "
-                             f"({', '.join(self.finetune.inits)}); add them there or use those names")
+        for key in ("inits", "encoders"):
+            unknown = [i for i in getattr(self.matrix, key) if i not in self.finetune.inits]
+            if unknown:
+                raise ValueError(f"matrix.{key} {unknown} are not names in finetune.inits "
+                                 f"({', '.join(self.finetune.inits)}); add them there or use those names")
         return self
 
 

@@ -114,6 +114,14 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     assert (repo / "reports" / "learning_curves.png").stat().st_size > 10_000
     shown = sh("dvc", "metrics", "show", "--json", cwd=repo, env=env)
     assert "metrics/finetune/chexpert-cls_1.0_global.json" in shown
+    # zeroshot and ground: both encoders, side by side in the report (Table 2)
+    for folder in ("zeroshot", "grounding"):
+        for model in ("g2d", "global"):
+            m = json.loads((repo / "metrics" / folder / f"synthcxr_{model}.json").read_text())
+            assert m["model_source"] == {"g2d": "models/pretrain", "global": "models/pretrain-global"}[model]
+    assert "## Table 2a" in results and "## Table 2b" in results and "| Chance |" in results
+    assert (repo / "reports" / "grounding" / "synthcxr_global.png").stat().st_size > 10_000
+    assert "metrics/grounding/synthcxr_g2d.json" in shown
 
 
 def test_notebook_runs_on_the_rendered_data(clone):
@@ -133,6 +141,29 @@ def test_notebook_runs_on_the_rendered_data(clone):
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "pretrain      rows    48" in printed
     assert "synthcxr-pretrain" in printed
+
+
+def test_quickstart_notebook_runs(clone):
+    """notebooks/quickstart.ipynb: the registered encoder, pseudo masks, zero-shot scores, a heat map."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    repo, env = clone
+    if not (repo / "models" / "pretrain").is_dir():
+        sh("dvc", "repro", cwd=repo, env=env)
+    nb = nbformat.read(repo / "notebooks" / "quickstart.ipynb", as_version=4)
+    old = os.getcwd()
+    try:
+        os.chdir(repo / "notebooks")  # where Jupyter starts a notebook's kernel
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(repo / "notebooks")}}).execute()
+    finally:
+        os.chdir(old)
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "models:/g2d-encoder/1: resnet18 image tower" in printed
+    assert "synthcxr_g2d.json: auc" in printed and "maximum inside the box" in printed
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert images == 2  # the pseudo-mask grid and the heat map
 
 
 def test_train_and_evaluate_after_repro(clone):

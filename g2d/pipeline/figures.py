@@ -1,5 +1,5 @@
-"""Figures a person would rather look at than read: the attention / pseudo-mask grid of pre-training and
-the prediction overlays of fine-tuning."""
+"""Figures a person would rather look at than read: the attention / pseudo-mask grid of pre-training,
+the prediction overlays of fine-tuning, the grounding report page and `g2d explain`'s heat maps."""
 
 from __future__ import annotations
 
@@ -114,4 +114,63 @@ def labelled_grid(images: torch.Tensor, ids: list[str], captions: list[str], tit
     for i, ax in enumerate(axes[: len(images)]):
         ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"{ids[i]}\n{captions[i]}", fontsize=6)
+    return save_figure(fig, path)
+
+
+def _heat_panel(ax, image: np.ndarray, heat: np.ndarray, box=None, contours: bool = True) -> None:
+    """The image, the [0, 1]-scaled heat map over it, its contours at 50 / 75 / 90 %, a truth box."""
+    from matplotlib.patches import Rectangle
+
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    if contours and heat.max() > heat.min():
+        ax.contour(heat, levels=[0.5, 0.75, 0.9], colors="white", linewidths=[0.5, 0.8, 1.1])
+    if box is not None:
+        x0, y0, x1, y1 = box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.2))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def grounding_grid(images: torch.Tensor, heat: torch.Tensor, truth: torch.Tensor, binary: torch.Tensor,
+                   phrases: list[str], ids: list[str], hits: list[bool], title: str, path: Path) -> Path:
+    """The grounding report page: per example the image, the phrase, its heat map, the truth (green
+    outline), the binarised map (white outline) and the maximum (a cross: green on the truth, red off)."""
+    import textwrap
+
+    fig, axes = _grid(len(images), title)
+    for i, ax in enumerate(axes[: len(images)]):
+        h = heat[i].float()
+        h = ((h - h.min()) / (h.max() - h.min()).clamp_min(1e-12)).numpy()
+        _heat_panel(ax, images[i, 0].cpu().numpy(), h, contours=False)
+        for mask, colour in ((truth[i], "lime"), (binary[i], "white")):
+            m = mask.cpu().numpy().astype(np.float32)
+            if 0 < m.sum() < m.size:
+                ax.contour(m, levels=[0.5], colors=colour, linewidths=0.9)
+        y, x = np.unravel_index(int(np.argmax(h)), h.shape)
+        ax.plot(x, y, marker="x", color="lime" if hits[i] else "red", markersize=7, mew=2)
+        ax.set_title(f"{ids[i]}\n" + "\n".join(textwrap.wrap(phrases[i], 30)), fontsize=6.5)
+    return save_figure(fig, path)
+
+
+def explain_figure(image: np.ndarray, heats: list[np.ndarray], prompts: list[str], scores: list[float],
+                   box, title: str, path: Path) -> Path:
+    """`g2d explain`: the image, then one heat map per prompt with its contours (and the truth box)."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(heats) + 1
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.7), dpi=110, squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("\n".join(textwrap.wrap(title, 40)), fontsize=7)
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    for ax, heat, prompt, s in zip(axes[1:], heats, prompts, scores, strict=True):
+        _heat_panel(ax, image, heat, box)
+        ax.set_title("\n".join(textwrap.wrap(f"'{prompt}'", 36)) + f"\nimage-text similarity {s:.3f}", fontsize=8)
     return save_figure(fig, path)

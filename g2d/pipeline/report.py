@@ -1,7 +1,8 @@
 """The `report` stage: every `metrics/finetune/*.json` gathered into `reports/results.md`, laid out like
-the paper's Table 1 (segmentation Dice and detection mAP) and Table 4 (linear classification), and a
-learning-curve plot (test metric against label fraction, one line per init), as DVC plots and MLflow
-artifacts."""
+the paper's Table 1 (segmentation Dice and detection mAP) and Table 4 (linear classification), with the
+zero-shot classification and grounding results (`metrics/zeroshot`, `metrics/grounding`, Table 2) beside
+their chance levels, and a learning-curve plot (test metric against label fraction, one line per init),
+as DVC plots and MLflow artifacts."""
 
 from __future__ import annotations
 
@@ -76,13 +77,76 @@ def table(rows: list[dict], task_names: list[str], inits: list[str], fracs: list
     return lines
 
 
+def collect_zeroshot(folder: Path) -> list[dict]:
+    """metrics/zeroshot or metrics/grounding files: task, model and the test scores of each."""
+    rows = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            m = json.loads(path.read_text())
+            rows.append({"task": m["task"], "model": m["model"], "test": dict(m["test"]), "file": path.name})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}: not a g2d zero-shot / grounding metrics file ({type(e).__name__}: {e}); "
+                            "delete it or re-run its stage") from None
+    return rows
+
+
+def _plain(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def zeroshot_tables(zs: list[dict], gr: list[dict], models: list[str]) -> list[str]:
+    """Table 2: zero-shot classification (a) and grounding (b), one row per encoder plus chance."""
+    out = []
+    if zs:
+        task_names = _order({r["task"] for r in zs}, [])
+        head = ["Method"] + [f"{t} {c}" for t in task_names for c in ("AUC / ACC", "F1")]
+        out += ["## Table 2a: zero-shot classification ('<finding>' vs 'no <finding>' prompts, no labels)", "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        index = {(r["task"], r["model"]): r["test"] for r in zs}
+        for m in _order({r["model"] for r in zs}, models):
+            cells = []
+            for t in task_names:
+                test = index.get((t, m), {})
+                cells += [_cell(test.get("auc", test.get("accuracy"))), _cell(test.get("f1"))]
+            out.append(f"| {INIT_TITLES.get(m, m)} | " + " | ".join(cells) + " |")
+        chance = []
+        for t in task_names:
+            test = next(r["test"] for r in zs if r["task"] == t)
+            chance += [_cell(test.get("chance_auc", test.get("chance_accuracy"))),
+                       _cell(test.get("chance_f1_all_positive"))]
+        out += ["| Chance (AUC 0.5; F1 of calling every image positive) | " + " | ".join(chance) + " |", ""]
+    if gr:
+        task_names = _order({r["task"] for r in gr}, [])
+        head = ["Method"] + [f"{t} {c}" for t in task_names for c in ("pointing", "IoU", "Dice", "CNR")]
+        out += ["## Table 2b: zero-shot grounding (phrase heat maps against each finding's own mask)", "",
+                "Pointing game, IoU and Dice x 100 (binarised at the threshold chosen on val), CNR as is; "
+                "chance is a uniformly random point (the finding's share of the image) and CNR 0.", "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        index = {(r["task"], r["model"]): r["test"] for r in gr}
+        for m in _order({r["model"] for r in gr}, models):
+            cells = []
+            for t in task_names:
+                test = index.get((t, m), {})
+                cells += [_cell(test.get("pointing")), _cell(test.get("iou")), _cell(test.get("dice")),
+                          _plain(test.get("cnr"))]
+            out.append(f"| {INIT_TITLES.get(m, m)} | " + " | ".join(cells) + " |")
+        chance = []
+        for t in task_names:
+            test = next(r["test"] for r in gr if r["task"] == t)
+            chance += [_cell(test.get("pointing_chance")), "–", "–", "0"]
+        out += ["| Chance | " + " | ".join(chance) + " |", ""]
+        out += ["Report pages (examples: image, phrase, heat map, truth): " +
+                ", ".join(f"[{r['task']} {r['model']}](grounding/{Path(r['file']).stem}.png)" for r in gr), ""]
+    return out
+
+
 def in_matrix(row: dict, params: Params) -> bool:
     m = params.matrix
     return (row["task"] in m.tasks and row["frac"] in m.fractions and row["init"] in m.inits
             and row.get("seed") in (None, params.seed))
 
 
-def markdown(rows: list[dict], inits: list[str], others: list[dict] = ()) -> str:
+def markdown(rows: list[dict], inits: list[str], others: list[dict] = (), zeroshot: list[str] = ()) -> str:
     present = {r["task"] for r in rows}
     fracs = sorted({r["frac"] for r in rows})
     inits = _order({r["init"] for r in rows}, inits)
@@ -104,6 +168,7 @@ def markdown(rows: list[dict], inits: list[str], others: list[dict] = ()) -> str
     if cls:
         out += ["## Table 4: linear classification (macro AUC; accuracy for one-of-K tasks)", ""]
         out += table(rows, cls, inits, fracs) + [""]
+    out += list(zeroshot)
     out += ["## Tasks", ""]
     for t in dense + cls:
         spec = tasks.get(t)
@@ -179,7 +244,10 @@ def run(params: Params) -> ReportOutcome:
         i for i in params.matrix.inits if i not in BASELINES_FIRST]
     md = out / "results.md"
     out.mkdir(parents=True, exist_ok=True)
-    md.write_text(markdown(rows, inits, others))
+    metrics = resolve_path(root, params.paths.metrics)
+    zs, gr = collect_zeroshot(metrics / "zeroshot"), collect_zeroshot(metrics / "grounding")
+    models = [m for m in BASELINES_FIRST if m in params.matrix.encoders]
+    md.write_text(markdown(rows, inits, others, zeroshot_tables(zs, gr, models)))
     csvs = curves(rows, inits, out / "curves")
     png = figure(rows, inits, out / "learning_curves.png")
     with tracking.start_run("report", config=to_dict(params), uri=params.tracking.uri,

@@ -1,0 +1,250 @@
+"""The `ground` stage: `g2d ground --model M --task T` localises phrases without any box or mask
+supervision (paper Table 2b). The phrase's projected embedding is compared with every location of the
+image's projected last feature map; the upsampled cosine similarities are a heat map, scored against
+the phrase's own region (pipeline/grounding_metrics.py).
+
+A target is one (image, phrase, region): on SynthCXR every rendered finding with its phrase
+('lung opacity in the left lower lung') and its own mask; in a manifest, every entry of the `findings`
+column that has a `phrase` (MS-CXR) or a `kind`, and a `mask` or a `box`; without `findings`, the
+`mask` of a row with a positive label. The binarising threshold is chosen on val, then test is scored.
+
+Writes `metrics/grounding/<task>_<model>.json` and the report page `reports/grounding/<task>_<model>.png`
+(N test examples: image, phrase, heat map, truth), and logs both to MLflow (`g2d-ground`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw
+
+from g2d import tracking
+from g2d.config import Params, Zeroshot, resolve_path
+from g2d.data import manifest as mf
+from g2d.errors import DataError
+from g2d.pipeline import encoders, grounding_metrics, metrics_files, runtime, similarity, zeroshot_tasks
+from g2d.pipeline.figures import grounding_grid
+from g2d.progress import Advance, Reporter, silent
+
+REPORTS = "reports/grounding"
+
+
+@dataclass
+class Targets:
+    images: torch.Tensor  # (N, 1, S, S) in [0, 1], the images that have at least one target
+    image_ids: list[str]
+    image_index: list[int] = field(default_factory=list)  # per target, into images
+    phrases: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # the finding kind (or the phrase) for per-kind figures
+    truth: list[torch.Tensor] = field(default_factory=list)  # per target (S, S) bool
+    dropped: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+
+@dataclass
+class GroundOutcome:
+    metrics: dict
+    metrics_path: Path
+    page: Path
+    run_id: str
+
+
+def _gray(folder: Path, rel: str, where: str, size: int, resample: Image.Resampling) -> np.ndarray:
+    path = mf.resolve(folder, rel, where)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L").resize((size, size), resample))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image ({e}); run `g2d data validate {folder}`") from None
+
+
+def _box_mask(box, scale_x: float, scale_y: float, size: int) -> np.ndarray:
+    canvas = Image.new("L", (size, size), 0)
+    x0, y0, x1, y1 = (float(v) for v in box[:4])
+    ImageDraw.Draw(canvas).rectangle([x0 * scale_x, y0 * scale_y, x1 * scale_x - 1, y1 * scale_y - 1], fill=255)
+    return np.asarray(canvas) > 127
+
+
+def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeroshot,
+                 label_cols: list[str], dropped: Counter) -> list[tuple[str, str, np.ndarray]]:
+    """(phrase, kind, truth mask at `size`) for each groundable finding of one manifest row."""
+    row_mask = None
+    if isinstance(row.get("mask"), str) and row["mask"]:
+        row_mask = _gray(folder, row["mask"], where, size, Image.Resampling.NEAREST) > 127
+    raw = row.get("findings")
+    if isinstance(raw, str) and raw.strip():
+        try:
+            findings = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: findings is not JSON ({e})") from None
+        with Image.open(mf.resolve(folder, row["image"], where)) as im:
+            width, height = im.size
+        out = []
+        for f in findings:
+            if not (f.get("phrase") or f.get("kind")):
+                dropped["findings with neither a phrase nor a kind"] += 1
+                continue
+            text = f.get("phrase") or similarity.finding_phrase(f, cfg)
+            if f.get("mask"):
+                truth = _gray(folder, f["mask"], where, size, Image.Resampling.NEAREST) > 127
+            elif f.get("box"):
+                truth = _box_mask(f["box"], size / width, size / height, size)
+                if row_mask is not None and (truth & row_mask).any():
+                    truth &= row_mask  # the finding's own part of the row's mask
+            else:
+                dropped["findings with neither a mask nor a box"] += 1
+                continue
+            out.append((text, f.get("kind") or text, truth))
+        return out
+    positive = [c for c in label_cols if row.get(c) == 1]
+    if row_mask is not None and row_mask.any() and positive:
+        return [(similarity.phrase(positive[0], cfg), positive[0], row_mask)]
+    return []
+
+
+def load_targets(folder: Path, df: pd.DataFrame, split: str, size: int, cfg: Zeroshot,
+                 progress: Advance | None = None) -> Targets:
+    rows = df[df["split"] == split] if "split" in df else df.iloc[:0]
+    rows = rows.sort_values("id").reset_index(drop=True)
+    if rows.empty:
+        raise DataError(f"{folder / mf.MANIFEST}: no rows in split {split!r}")
+    if not {"findings", "mask"} & set(rows.columns):
+        raise DataError(f"{folder / mf.MANIFEST}: grounding needs a findings column (phrases with a mask or box) "
+                        f"or a mask column; columns are {list(df.columns)}")
+    label_cols = mf.label_columns(df)
+    images, ids = [], []
+    out = Targets(torch.empty(0), [])
+    for _, row in rows.iterrows():
+        where = f"{folder / mf.MANIFEST} row {row['id']}"
+        found = _row_targets(row, folder, where, size, cfg, label_cols, out.dropped)
+        kept = [t for t in found if t[2].any()]
+        if len(kept) < len(found):
+            out.dropped["findings whose region is empty at the model size"] += len(found) - len(kept)
+        if not found:
+            out.dropped["images without a finding to ground"] += 1
+        if kept:
+            images.append(_gray(folder, row["image"], where, size, Image.Resampling.BILINEAR))
+            ids.append(row["id"])
+            for text, kind, truth in kept:
+                out.image_index.append(len(images) - 1)
+                out.phrases.append(text)
+                out.kinds.append(kind)
+                out.truth.append(torch.from_numpy(truth))
+        if progress:
+            progress(1)
+    out.images = torch.from_numpy(np.stack(images)).float().div_(255).unsqueeze(1) if images else \
+        torch.zeros(0, 1, size, size)
+    out.image_ids = ids
+    out.dropped = Counter(out.dropped)
+    return out
+
+
+@torch.no_grad()
+def heat_maps(pre: encoders.Pretrained, targets: Targets, batch_size: int) -> torch.Tensor:
+    """(T, S, S) cosine similarity of each target's phrase with its image's locations."""
+    if not len(targets):
+        return torch.zeros(0, *targets.images.shape[-2:])
+    unique = sorted(set(targets.phrases))
+    texts = similarity.embed_texts(pre.model, pre.tokenizer, unique)
+    text_of = {p: i for i, p in enumerate(unique)}
+    maps = similarity.embed_images(pre.model, targets.images, batch_size).maps
+    index = torch.tensor(targets.image_index)
+    chosen = texts[torch.tensor([text_of[p] for p in targets.phrases])]
+    sim = (maps[index] * chosen[:, :, None, None]).sum(1, keepdim=True)
+    return torch.nn.functional.interpolate(sim, size=targets.images.shape[-2:], mode="bilinear",
+                                           align_corners=False)[:, 0]
+
+
+def score(heat: torch.Tensor, truth: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+    """Per-target pointing hit, its chance, IoU and Dice at `threshold`, and CNR."""
+    iou, dice = grounding_metrics.overlap(similarity.scale01(heat), truth, threshold)
+    return {"pointing": grounding_metrics.pointing_hits(heat, truth).float(),
+            "pointing_chance": grounding_metrics.pointing_chance(truth), "iou": iou, "dice": dice,
+            "cnr": grounding_metrics.cnr(heat, truth)}
+
+
+def metrics_path(params: Params, task: str, label: str) -> Path:
+    return resolve_path(tracking.project_root(), params.paths.metrics) / "grounding" / f"{task}_{label}.json"
+
+
+def run(params: Params, model: str, task: str | None = None, reporter: Reporter = silent) -> GroundOutcome:
+    cfg = params.zeroshot
+    gcfg = cfg.grounding
+    source = zeroshot_tasks.get(task or gcfg.task, zeroshot_tasks.GROUNDING, "ground")
+    root = tracking.project_root()
+    folder = zeroshot_tasks.dataset_folder(source, params, root)
+    df = mf.read_manifest(folder)
+    pre = encoders.load(model, params, root)
+    pre.model.to(runtime.device())
+
+    splits = {}
+    for split in ("val", cfg.split) if cfg.split != "val" else ("val",):
+        n = int((df["split"] == split).sum()) if "split" in df else 0
+        splits[split] = load_targets(folder, df, split, pre.image_size, cfg,
+                                     reporter.task(f"load {source.name} {split} findings", n))
+    test = splits[cfg.split]
+    if not len(test):
+        raise DataError(f"{folder / mf.MANIFEST}: no finding to ground in split {cfg.split!r} "
+                        f"({dict(test.dropped)})")
+    val = splits["val"]
+    if len(val):
+        val_heat = heat_maps(pre, val, cfg.batch_size)
+        threshold, by_threshold = grounding_metrics.choose_threshold(
+            similarity.scale01(val_heat), torch.stack(val.truth), gcfg.thresholds)
+        chosen_on = f"val ({len(val)} findings), best mean Dice"
+    else:
+        threshold, by_threshold = gcfg.thresholds[len(gcfg.thresholds) // 2], {}
+        chosen_on = "no val finding to choose on: the middle candidate"
+    heat = heat_maps(pre, test, cfg.batch_size)
+    truth = torch.stack(test.truth)
+    per_target = score(heat, truth, threshold)
+    result = {k: float(np.nanmean(v.numpy())) if len(v) else math.nan for k, v in per_target.items()}
+    result["targets"], result["images"] = len(test), len(test.image_ids)
+    result["threshold"] = threshold
+    by_kind = defaultdict(list)
+    for i, kind in enumerate(test.kinds):
+        by_kind[kind].append(i)
+    kinds = {k: {"targets": len(ix), "pointing": float(per_target["pointing"][ix].mean()),
+                 "pointing_chance": float(per_target["pointing_chance"][ix].mean()),
+                 "cnr": float(np.nanmean(per_target["cnr"][ix].numpy()))} for k, ix in sorted(by_kind.items())}
+
+    data_hash = mf.read_info(folder).get("sha256") or mf.dataset_hash(folder)
+    metrics = {"task": source.name, "paper": source.paper, "model": pre.name, "model_source": pre.source,
+               "model_sha256": pre.sha256, "model_dense": pre.config.get("dense"), "split": cfg.split,
+               "test": result, "threshold": threshold, "threshold_chosen_on": chosen_on,
+               "val_dice_by_threshold": {f"{t:g}": d for t, d in by_threshold.items()}, "by_kind": kinds,
+               "dropped": {s: dict(t.dropped) for s, t in splits.items() if t.dropped}, "data_hash": data_hash}
+    out_path = metrics_path(params, source.name, pre.label)
+    page = resolve_path(root, REPORTS) / f"{source.name}_{pre.label}.png"
+    picks = _examples(len(test), gcfg.examples)
+    title = (f"{source.name}, {pre.name}: pointing {result['pointing']:.2f} (chance {result['pointing_chance']:.2f}), "
+             f"Dice {result['dice']:.2f} at {threshold:g}, CNR {result['cnr']:.2f}")
+    tags = {"g2d.task": source.name, "g2d.model": pre.source, "g2d.model_sha256": pre.sha256}
+    with tracking.start_run("ground", config={"zeroshot": cfg.model_dump(mode="json"), "task": source.name,
+                                              "model": pre.source, "model_config": pre.config},
+                            data_hash=data_hash, tags=tags, uri=params.tracking.uri) as tr:
+        tr.log_dataset(f"{source.name}-{folder.name}", source=str(folder / mf.MANIFEST), digest=data_hash,
+                       context="evaluation", profile={s: len(t) for s, t in splits.items()})
+        tr.log_metrics(metrics_files.numbers(result, f"{cfg.split}/"))
+        metrics_files.write(out_path, metrics)
+        tr.log_artifact(out_path)
+        grounding_grid(test.images[[test.image_index[i] for i in picks]], heat[picks], truth[picks],
+                       similarity.scale01(heat[picks]) >= threshold, [test.phrases[i] for i in picks],
+                       [test.image_ids[test.image_index[i]] for i in picks],
+                       [bool(per_target["pointing"][i]) for i in picks], title, page)
+        tr.log_artifact(page, "figures")
+    return GroundOutcome(metrics, out_path, page, tr.run_id)
+
+
+def _examples(n: int, k: int) -> list[int]:
+    """k targets spread evenly over the (id-sorted) test targets: the same page every run."""
+    return sorted({int(i) for i in np.linspace(0, n - 1, min(k, n))})

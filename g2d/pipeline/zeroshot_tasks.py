@@ -1,0 +1,67 @@
+"""The zero-shot and grounding tasks (paper Table 2a / 2b), and which dataset each reads.
+
+SynthCXR is the default where it has an equivalent: its pre-training set's finding columns (and each
+rendered finding's mask), the pneumothorax set for SIIM and the opacity set for RSNA. The others need an
+imported dataset: `zeroshot.datasets.<task>` points a task at any manifest folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from g2d.config import Params, resolve_path
+from g2d.data import manifest as mf
+from g2d.errors import ConfigError, DataError
+
+NOT_FINDINGS = ("normal", "no_finding")  # label columns that are no finding: "no normal" is not a prompt
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    synthcxr: str | None  # the SynthCXR set read by default; None = needs an imported dataset
+    paper: str
+    multiclass: bool = False  # one finding per image: the class whose prompt is closest wins
+
+
+ZEROSHOT = {s.name: s for s in (
+    Source("synthcxr", "pretrain", "SynthCXR finding columns (multi-label), macro AUC"),
+    Source("siim", "pneumothorax", "SIIM-ACR pneumothorax vs none, AUC"),
+    Source("rsna", "opacity", "RSNA pneumonia (lung opacity) vs normal, AUC"),
+    Source("chexpert-5x200", None, "CheXpert 5x200, one of 5 findings, accuracy", multiclass=True),
+    Source("chestxray14", None, "ChestX-ray14, 14 findings (multi-label), macro AUC"),
+)}
+GROUNDING = {s.name: s for s in (
+    Source("synthcxr", "pretrain", "each rendered SynthCXR finding's phrase vs its own mask"),
+    Source("siim", "pneumothorax", "pneumothorax vs its SIIM mask"),
+    Source("rsna", "opacity", "lung opacity vs its RSNA box"),
+    Source("ms-cxr", None, "MS-CXR phrases vs their boxes"),
+)}
+
+
+def get(name: str, table: dict[str, Source], command: str) -> Source:
+    if name not in table:
+        raise ConfigError(f"unknown {command} task {name!r}: tasks are {', '.join(table)}")
+    return table[name]
+
+
+def dataset_folder(source: Source, params: Params, root: Path) -> Path:
+    configured = params.zeroshot.datasets.get(source.name)
+    if configured:
+        return resolve_path(root, configured)
+    if source.synthcxr is None:
+        raise ConfigError(f"task {source.name!r} ({source.paper}) has no SynthCXR equivalent; import the dataset "
+                          f"and set zeroshot.datasets.{source.name} to its folder "
+                          f"(--set zeroshot.datasets.{source.name}=DIR)")
+    return resolve_path(root, params.paths.synthcxr) / source.synthcxr
+
+
+def classes(df: pd.DataFrame, folder: Path) -> list[str]:
+    """The manifest's label columns that name a finding."""
+    found = [c for c in mf.label_columns(df) if c not in NOT_FINDINGS]
+    if not found:
+        raise DataError(f"{folder / mf.MANIFEST}: no label columns to prompt for (columns: {list(df.columns)})")
+    return found
