@@ -254,7 +254,7 @@ class Grounding(Strict):
 
     task: GroundingTask = Field("synthcxr", description="default --task")
     thresholds: tuple[float, ...] = Field(
-        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), min_length=1,
+        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95), min_length=1,
         description="candidates for binarising the [0, 1]-scaled heat map; the best val Dice is used on test")
     examples: int = Field(12, ge=1, le=48, description="image / phrase / heat map / truth panels on the report page")
 
@@ -347,6 +347,9 @@ class Params(Strict):
             if unknown:
                 raise ValueError(f"matrix.{key} {unknown} are not names in finetune.inits "
                                  f"({', '.join(self.finetune.inits)}); add them there or use those names")
+        untrained = [i for i in self.matrix.encoders if self.finetune.inits[i] == "random"]
+        if untrained:
+            raise ValueError(f"matrix.encoders {untrained} name a random init: zero-shot needs a pre-trained encoder")
         return self
 
 

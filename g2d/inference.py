@@ -61,7 +61,8 @@ def load_model(model: str = "g2d", params: Params | str | Path | None = None):
 
 
 def as_image(image) -> np.ndarray:
-    """Any accepted image as a 2-D float array in [0, 1]."""
+    """Any accepted image as a 2-D float array in [0, 1]: integers by their type's full range (as files
+    are read), floats as given."""
     from PIL import Image
 
     from g2d.data.images import read_image
@@ -69,16 +70,17 @@ def as_image(image) -> np.ndarray:
     if isinstance(image, str | Path):
         return read_image(image)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    array = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
-    array = array.squeeze()
+        image = np.asarray(image if image.mode.startswith(("I", "F", "L")) else image.convert("L"))
+    array = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image).squeeze()
     if array.ndim != 2:
         raise DataError(f"image: expected a 2-D gray image, got shape {array.shape}")
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
+    if array.dtype.kind in "iu":
+        top = 65535 if array.dtype.itemsize >= 2 and array.max() <= 65535 else np.iinfo(array.dtype).max
+        return np.clip(array.astype(np.float32) / top, 0, 1)
     array = array.astype(np.float32)
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-        raise DataError("image: a float array must hold finite values in [0, 1] (divide 8-bit data by 255)")
+        raise DataError(f"image: a {array.dtype} array must hold finite values in [0, 1]; pass integer pixels "
+                        "as integers (uint8, uint16), which are scaled by their range")
     return array
 
 
@@ -99,15 +101,28 @@ def predict(image, prompts: str | list[str], model="g2d", params: Params | str |
     return Prediction(prompts, scores.numpy(), heat.numpy(), pixels, pre.source)
 
 
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
 def explain(image, prompts: str | list[str], out: str | Path, model="g2d", box=None,
             params: Params | str | Path | None = None) -> tuple[Prediction, Path]:
     """`predict`, drawn: the image and, per prompt, its heat map with contours (and the truth box)."""
     from g2d.pipeline.figures import explain_figure
     from g2d.pipeline.similarity import scale01
 
-    pred = predict(image, prompts, model, params)
+    out = Path(out)
+    if out.suffix.lower() not in FIGURE_SUFFIXES:
+        raise ConfigError(f"--out {out}: name a figure file ending in {', '.join(FIGURE_SUFFIXES)}")
+    pixels = as_image(image)
+    if box is not None:
+        h, w = pixels.shape
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise ConfigError(f"--box {','.join(f'{v:g}' for v in box)}: not inside the image ({w} x {h} px); "
+                              "give x0,y0,x1,y1 in pixels of the image as stored")
+    pred = predict(pixels, prompts, model, params)
     heats = [scale01(torch.from_numpy(h)).numpy() for h in pred.heatmaps]
     name = Path(image).name if isinstance(image, str | Path) else "image"
     path = explain_figure(pred.image, heats, pred.prompts, [float(s) for s in pred.scores], box,
-                          f"{name}, model {pred.model}", Path(out))
+                          f"{name}, model {pred.model}", out)
     return pred, path

@@ -24,7 +24,7 @@ import g2d
 from g2d.cli import app
 from g2d.config import Model, Zeroshot, load_params
 from g2d.data import manifest as mf
-from g2d.errors import ConfigError
+from g2d.errors import ConfigError, DataError
 from g2d.pipeline import grounding, grounding_metrics, pretrain, similarity, zeroshot
 from tests.conftest import tiny_synthcxr_project
 
@@ -345,3 +345,89 @@ def test_zeroshot_and_ground_bad_inputs(project, command, args, message):
     result = CliRunner().invoke(app, [command, *args])
     assert result.exit_code == 1
     assert message in result.output
+
+
+def test_matrix_encoders_must_be_pre_trained():
+    with pytest.raises(ConfigError, match=r"matrix.encoders \['random'\] name a random init"):
+        load_params(Path(__file__).resolve().parents[1] / "params.yaml", ['matrix.encoders=["g2d", "random"]'])
+
+
+def test_no_finding_columns_are_not_prompted(tmp_path):
+    from g2d.pipeline import zeroshot_tasks
+
+    df = pd.DataFrame({"id": ["a"], "image": ["a.png"], "No Finding": [1], "Effusion": [0], "normal": [0]})
+    found, excluded = zeroshot_tasks.classes(df, tmp_path)
+    assert found == ("Effusion",) and excluded == ["No Finding", "normal"]
+
+
+def test_report_table_2_uses_each_task_s_headline_metric():
+    from g2d.pipeline import report
+
+    zs = [{"task": "chexpert-5x200", "model": "g2d", "metric": "accuracy", "score": 0.4, "file": "c_g2d.json",
+           "test": {"accuracy": 0.4, "auc": 0.7, "f1": 0.3, "chance_accuracy": 0.2}}]
+    gr = [{"task": "synthcxr", "model": "g2d", "metric": None, "score": None, "file": "synthcxr_g2d.json",
+           "test": {"pointing": 0.1, "pointing_chance": 0.05, "iou": 0.06, "dice": 0.09, "cnr": 0.7,
+                    "cnr_unrelated": 0.5}}]
+    lines = "\n".join(report.zeroshot_tables(zs, gr, ["global", "g2d"]))
+    assert "| G2D | 40.0 | 30.0 |" in lines and "| 20.0 |" in lines  # accuracy beside its chance, not the AUC
+    assert "| G2D | 10.0 | 6.0 | 9.0 | 0.70 |" in lines and "| Chance | 5.0 | – | – | 0.50 |" in lines
+
+
+def test_in_memory_images_are_scaled_like_files(project, tmp_path):
+    img16 = (_gradient().astype(np.uint16) * 257)  # 16-bit, full range
+    Image.fromarray(img16).save(tmp_path / "x16.png")
+    from g2d.inference import as_image
+
+    from_file = as_image(tmp_path / "x16.png")
+    with Image.open(tmp_path / "x16.png") as im:
+        assert np.allclose(as_image(im), from_file, atol=1e-6)
+    assert np.allclose(as_image(img16), from_file, atol=1e-6)
+    assert np.allclose(as_image(_gradient()), from_file, atol=1e-6)  # uint8 / 255 = uint16 / 65535 here
+    with pytest.raises(DataError, match="must hold finite values in \\[0, 1\\]; pass integer pixels"):
+        as_image(img16.astype(np.float32))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--box", "10,5,400,30"], "--box 10,5,400,30: not inside the image (70 x 50 px)"),
+    (["--out", "heat.txt"], "--out heat.txt: name a figure file ending in .png"),
+])
+def test_explain_box_and_out_are_checked(project, tmp_path, args, message):
+    Image.fromarray(_gradient()).save(tmp_path / "x.png")
+    result = CliRunner().invoke(app, ["explain", str(tmp_path / "x.png"), "--prompt", "opacity", *args])
+    assert result.exit_code == 1 and message in result.output
+
+
+def _opacity_variant(project: Path, name: str, keep_splits: tuple[str, ...], drop: tuple[str, ...]) -> Path:
+    """The tiny opacity set restricted to some splits and without some columns (an RSNA-like import)."""
+    src = project / "datasets" / "synthcxr" / "opacity"
+    out = project / "datasets" / name
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out)
+    df = mf.read_manifest(out)
+    df = df[df["split"].isin(keep_splits)].drop(columns=list(drop))
+    (out / "dataset.json").unlink()
+    shutil.rmtree(out / "fractions", ignore_errors=True)
+    mf.write_manifest(df, out)
+    return out
+
+
+def test_ground_on_boxes_only_and_without_val(project):
+    _opacity_variant(project, "rsna-boxes", ("test",), ("findings", "mask"))
+    result = CliRunner().invoke(app, ["ground", "--task", "rsna", "--set",
+                                      "zeroshot.datasets.rsna=datasets/rsna-boxes"])
+    assert result.exit_code == 0, result.output
+    m = json.loads((project / "metrics" / "grounding" / "rsna_g2d.json").read_text())
+    assert m["threshold_chosen_on"] == "no val finding to choose on: the middle candidate"
+    assert m["test"]["targets"] >= 1 and "cnr_unrelated" in m["test"]
+    assert "threshold chosen on no val finding" in result.output
+
+
+def test_ground_reversed_box_names_the_row(project):
+    out = _opacity_variant(project, "rsna-bad", ("val", "test"), ("findings", "mask"))
+    df = mf.read_manifest(out)
+    row = df.index[df["boxes"] != "[]"][0]
+    df.loc[row, "boxes"] = '[[40,40,20,50,"opacity"]]'
+    mf.write_manifest(df, out)
+    result = CliRunner().invoke(app, ["ground", "--task", "rsna", "--set", "zeroshot.datasets.rsna=datasets/rsna-bad"])
+    assert result.exit_code == 1
+    assert f"row {df.loc[row, 'id']}: box [40, 40, 20, 50, 'opacity'] needs x1 > x0 and y1 > y0" in result.output

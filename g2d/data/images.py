@@ -57,10 +57,11 @@ def _read_dicom(path: Path, force: bool) -> np.ndarray:
         raise DataError(f"DICOM {path} has no pixel data (a report, a presentation state, not a DICOM at all?); "
                         "export the image itself")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DataError(f"DICOM {path} holds {frames} frames; a radiograph is one frame: export the frame to use")
     try:
         arr = ds.pixel_array  # decoders raise a variety of types, all of them mean the same to us
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            arr = arr[0]
         if photometric == "PALETTE COLOR":
             arr = apply_color_lut(arr, ds)
     except Exception as e:

@@ -67,16 +67,33 @@ def _gray(folder: Path, rel: str, where: str, size: int, resample: Image.Resampl
         raise DataError(f"{path}: cannot read image ({e}); run `g2d data validate {folder}`") from None
 
 
-def _box_mask(box, scale_x: float, scale_y: float, size: int) -> np.ndarray:
+def _box_mask(box, scale_x: float, scale_y: float, size: int, where: str) -> np.ndarray:
+    """A filled box at the model size; a box thinner than a pixel there still covers one pixel."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box[:4])
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: box {box} is not [x0, y0, x1, y1, ...] in pixels") from None
+    if not (x1 > x0 and y1 > y0):
+        raise DataError(f"{where}: box {box} needs x1 > x0 and y1 > y0 (x0, y0 is the top-left corner)")
+    x0, y0 = x0 * scale_x, y0 * scale_y
     canvas = Image.new("L", (size, size), 0)
-    x0, y0, x1, y1 = (float(v) for v in box[:4])
-    ImageDraw.Draw(canvas).rectangle([x0 * scale_x, y0 * scale_y, x1 * scale_x - 1, y1 * scale_y - 1], fill=255)
+    ImageDraw.Draw(canvas).rectangle([x0, y0, max(x0, x1 * scale_x - 1), max(y0, y1 * scale_y - 1)], fill=255)
     return np.asarray(canvas) > 127
+
+
+def _size(folder: Path, rel: str, where: str) -> tuple[int, int]:
+    path = mf.resolve(folder, rel, where)
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image ({e}); run `g2d data validate {folder}`") from None
 
 
 def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeroshot,
                  label_cols: list[str], dropped: Counter) -> list[tuple[str, str, np.ndarray]]:
-    """(phrase, kind, truth mask at `size`) for each groundable finding of one manifest row."""
+    """(phrase, kind, truth mask at `size`) for each groundable finding of one manifest row: the `findings`
+    entries; else the boxes of the `boxes` column (their label as the phrase); else the row's `mask`."""
     row_mask = None
     if isinstance(row.get("mask"), str) and row["mask"]:
         row_mask = _gray(folder, row["mask"], where, size, Image.Resampling.NEAREST) > 127
@@ -86,8 +103,7 @@ def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeros
             findings = json.loads(raw)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: findings is not JSON ({e})") from None
-        with Image.open(mf.resolve(folder, row["image"], where)) as im:
-            width, height = im.size
+        width, height = _size(folder, row["image"], where)
         out = []
         for f in findings:
             if not (f.get("phrase") or f.get("kind")):
@@ -97,7 +113,7 @@ def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeros
             if f.get("mask"):
                 truth = _gray(folder, f["mask"], where, size, Image.Resampling.NEAREST) > 127
             elif f.get("box"):
-                truth = _box_mask(f["box"], size / width, size / height, size)
+                truth = _box_mask(f["box"], size / width, size / height, size, where)
                 if row_mask is not None and (truth & row_mask).any():
                     truth &= row_mask  # the finding's own part of the row's mask
             else:
@@ -105,6 +121,16 @@ def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeros
                 continue
             out.append((text, f.get("kind") or text, truth))
         return out
+    raw = row.get("boxes")
+    if isinstance(raw, str) and raw.strip() not in ("", "[]"):
+        try:
+            boxes = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: boxes is not JSON ({e})") from None
+        width, height = _size(folder, row["image"], where)
+        return [(similarity.phrase(str(b[4]), cfg) if len(b) > 4 else similarity.phrase(label_cols[0], cfg),
+                 str(b[4]) if len(b) > 4 else label_cols[0], _box_mask(b, size / width, size / height, size, where))
+                for b in boxes]
     positive = [c for c in label_cols if row.get(c) == 1]
     if row_mask is not None and row_mask.any() and positive:
         return [(similarity.phrase(positive[0], cfg), positive[0], row_mask)]
@@ -115,11 +141,9 @@ def load_targets(folder: Path, df: pd.DataFrame, split: str, size: int, cfg: Zer
                  progress: Advance | None = None) -> Targets:
     rows = df[df["split"] == split] if "split" in df else df.iloc[:0]
     rows = rows.sort_values("id").reset_index(drop=True)
-    if rows.empty:
-        raise DataError(f"{folder / mf.MANIFEST}: no rows in split {split!r}")
-    if not {"findings", "mask"} & set(rows.columns):
-        raise DataError(f"{folder / mf.MANIFEST}: grounding needs a findings column (phrases with a mask or box) "
-                        f"or a mask column; columns are {list(df.columns)}")
+    if not {"findings", "boxes", "mask"} & set(rows.columns):
+        raise DataError(f"{folder / mf.MANIFEST}: grounding needs a findings column (phrases with a mask or box), "
+                        f"a boxes column or a mask column; columns are {list(df.columns)}")
     label_cols = mf.label_columns(df)
     images, ids = [], []
     out = Targets(torch.empty(0), [])
@@ -186,6 +210,8 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
     pre = encoders.load(model, params, root)
     pre.model.to(runtime.device())
 
+    if "split" not in df or not (df["split"] == cfg.split).any():
+        raise DataError(f"{folder / mf.MANIFEST}: no rows in split {cfg.split!r} (zeroshot.split) to score")
     splits = {}
     for split in ("val", cfg.split) if cfg.split != "val" else ("val",):
         n = int((df["split"] == split).sum()) if "split" in df else 0
@@ -201,6 +227,10 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
         threshold, by_threshold = grounding_metrics.choose_threshold(
             similarity.scale01(val_heat), torch.stack(val.truth), gcfg.thresholds)
         chosen_on = f"val ({len(val)} findings), best mean Dice"
+        if cfg.split == "val":
+            chosen_on += "; the scored split itself (zeroshot.split = val): an optimistic Dice and IoU"
+        if threshold in (gcfg.thresholds[0], gcfg.thresholds[-1]) and len(gcfg.thresholds) > 1:
+            chosen_on += "; at the edge of zeroshot.grounding.thresholds: widen them"
     else:
         threshold, by_threshold = gcfg.thresholds[len(gcfg.thresholds) // 2], {}
         chosen_on = "no val finding to choose on: the middle candidate"
@@ -208,6 +238,7 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
     truth = torch.stack(test.truth)
     per_target = score(heat, truth, threshold)
     result = {k: float(np.nanmean(v.numpy())) if len(v) else math.nan for k, v in per_target.items()}
+    result["cnr_unrelated"] = _unrelated_cnr(heat, truth, test.image_index)
     result["targets"], result["images"] = len(test), len(test.image_ids)
     result["threshold"] = threshold
     by_kind = defaultdict(list)
@@ -243,6 +274,20 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
                        [bool(per_target["pointing"][i]) for i in picks], title, page)
         tr.log_artifact(page, "figures")
     return GroundOutcome(metrics, out_path, page, tr.run_id)
+
+
+def _unrelated_cnr(heat: torch.Tensor, truth: torch.Tensor, image_index: list[int]) -> float:
+    """CNR's chance level: each truth scored against the heat map of the first target of the next image.
+    CNR takes |contrast|, so a map unrelated to the finding still scores above 0."""
+    images = sorted(set(image_index))
+    if len(images) < 2:
+        return math.nan
+    first: dict[int, int] = {}
+    for t, i in enumerate(image_index):
+        first.setdefault(i, t)
+    following = {img: images[(k + 1) % len(images)] for k, img in enumerate(images)}
+    other = torch.tensor([first[following[i]] for i in image_index])
+    return float(np.nanmean(grounding_metrics.cnr(heat[other], truth).numpy()))
 
 
 def _examples(n: int, k: int) -> list[int]:

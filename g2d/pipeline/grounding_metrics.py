@@ -5,8 +5,9 @@
 - IoU and Dice of the heat map binarised at a threshold on its [0, 1]-scaled values (MONAI's metrics);
   the threshold is chosen on val (best mean Dice) and only then applied to test.
 - Contrast-to-noise ratio, as BioViL defines it for MS-CXR: |mean inside - mean outside| divided by
-  sqrt(var inside + var outside), on the raw similarities. It does not depend on any threshold, and a
-  map unrelated to the truth scores near 0.
+  sqrt(var inside + var outside), on the raw similarities. It does not depend on any threshold. As it
+  takes the absolute contrast, a map unrelated to the truth still scores above 0: the stage reports
+  that level (each mask against another image's map) beside it.
 
 Every function takes heat maps (N, H, W) and boolean truths (N, H, W) and returns per-target values.
 """
@@ -40,15 +41,16 @@ def overlap(heat01: torch.Tensor, truth: torch.Tensor, threshold: float) -> tupl
 
 def cnr(heat: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """(N,) contrast-to-noise ratio of the map inside vs outside the truth (population variances);
-    NaN where the truth is empty or covers the whole image."""
+    NaN where the truth is empty or covers the whole image, or where both sides are constant."""
     flat, inside = heat.flatten(1).double(), truth.flatten(1)
     n_in, n_out = inside.sum(1), (~inside).sum(1)
     mean_in = (flat * inside).sum(1) / n_in
     mean_out = (flat * ~inside).sum(1) / n_out
     var_in = (((flat - mean_in[:, None]) ** 2) * inside).sum(1) / n_in
     var_out = (((flat - mean_out[:, None]) ** 2) * ~inside).sum(1) / n_out
-    out = (mean_in - mean_out).abs() / (var_in + var_out).sqrt().clamp_min(1e-12)
-    return torch.where((n_in > 0) & (n_out > 0), out, torch.nan).float()
+    noise = (var_in + var_out).sqrt()
+    out = (mean_in - mean_out).abs() / noise.clamp_min(1e-12)
+    return torch.where((n_in > 0) & (n_out > 0) & (noise > 1e-12), out, torch.nan).float()
 
 
 def choose_threshold(heat01: torch.Tensor, truth: torch.Tensor,

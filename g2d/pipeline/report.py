@@ -83,7 +83,8 @@ def collect_zeroshot(folder: Path) -> list[dict]:
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             m = json.loads(path.read_text())
-            rows.append({"task": m["task"], "model": m["model"], "test": dict(m["test"]), "file": path.name})
+            rows.append({"task": m["task"], "model": m["model"], "test": dict(m["test"]), "file": path.name,
+                         "metric": m.get("metric"), "score": m.get("score")})
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(f"{path}: not a g2d zero-shot / grounding metrics file ({type(e).__name__}: {e}); "
                             "delete it or re-run its stage") from None
@@ -103,24 +104,26 @@ def zeroshot_tables(zs: list[dict], gr: list[dict], models: list[str]) -> list[s
         out += ["## Table 2a: zero-shot classification ('<finding>' vs 'no <finding>' prompts, no labels)", "",
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         index = {(r["task"], r["model"]): r["test"] for r in zs}
+        metric = {r["task"]: r["metric"] for r in zs}
         for m in _order({r["model"] for r in zs}, models):
             cells = []
             for t in task_names:
                 test = index.get((t, m), {})
-                cells += [_cell(test.get("auc", test.get("accuracy"))), _cell(test.get("f1"))]
+                cells += [_cell(test.get(metric[t])), _cell(test.get("f1"))]
             out.append(f"| {INIT_TITLES.get(m, m)} | " + " | ".join(cells) + " |")
         chance = []
         for t in task_names:
             test = next(r["test"] for r in zs if r["task"] == t)
-            chance += [_cell(test.get("chance_auc", test.get("chance_accuracy"))),
-                       _cell(test.get("chance_f1_all_positive"))]
-        out += ["| Chance (AUC 0.5; F1 of calling every image positive) | " + " | ".join(chance) + " |", ""]
+            chance += [_cell(test.get(f"chance_{metric[t]}")), _cell(test.get("chance_f1_all_positive"))]
+        out += ["| Chance (AUC 0.5, or the most frequent class; F1 of calling every image positive) | "
+                + " | ".join(chance) + " |", ""]
     if gr:
         task_names = _order({r["task"] for r in gr}, [])
         head = ["Method"] + [f"{t} {c}" for t in task_names for c in ("pointing", "IoU", "Dice", "CNR")]
         out += ["## Table 2b: zero-shot grounding (phrase heat maps against each finding's own mask)", "",
-                "Pointing game, IoU and Dice x 100 (binarised at the threshold chosen on val), CNR as is; "
-                "chance is a uniformly random point (the finding's share of the image) and CNR 0.", "",
+                "Pointing game, IoU and Dice x 100 (binarised at the threshold chosen on val), CNR as is. Chance: "
+                "a uniformly random point (the finding's share of the image) for pointing, and for CNR each mask "
+                "scored against the heat map of another image (a map unrelated to the finding).", "",
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         index = {(r["task"], r["model"]): r["test"] for r in gr}
         for m in _order({r["model"] for r in gr}, models):
@@ -133,7 +136,7 @@ def zeroshot_tables(zs: list[dict], gr: list[dict], models: list[str]) -> list[s
         chance = []
         for t in task_names:
             test = next(r["test"] for r in gr if r["task"] == t)
-            chance += [_cell(test.get("pointing_chance")), "–", "–", "0"]
+            chance += [_cell(test.get("pointing_chance")), "–", "–", _plain(test.get("cnr_unrelated"))]
         out += ["| Chance | " + " | ".join(chance) + " |", ""]
         out += ["Report pages (examples: image, phrase, heat map, truth): " +
                 ", ".join(f"[{r['task']} {r['model']}](grounding/{Path(r['file']).stem}.png)" for r in gr), ""]
@@ -179,9 +182,11 @@ def markdown(rows: list[dict], inits: list[str], others: list[dict] = (), zerosh
             "`finetune.*.freeze_encoder`); the linear probe always does. The paper detects with YOLOv3; g2d uses "
             "torchvision's RetinaNet with an FPN on the same encoder.", ""]
     if others:
-        out += ["## Other runs in metrics/finetune (outside params.matrix, not in the tables)", ""]
+        out += ["## Other runs in metrics/ (outside params.matrix, not in the tables)", ""]
         out += [f"- `{r['file']}`: {r['task']} {r['frac']:g} init {r['init']} seed {r['seed']}: {r['metric']} "
-                f"{_cell(r['score'])}" for r in others] + [""]
+                f"{_cell(r['score'])}" if "frac" in r else
+                f"- `{r['file']}`: {r['task']}, model {r['model']}: {r['metric'] or 'pointing'} "
+                f"{_cell(r['score'] if r['metric'] else r['test'].get('pointing'))}" for r in others] + [""]
     return "\n".join(out)
 
 
@@ -245,9 +250,13 @@ def run(params: Params) -> ReportOutcome:
     md = out / "results.md"
     out.mkdir(parents=True, exist_ok=True)
     metrics = resolve_path(root, params.paths.metrics)
+    models = [m for m in BASELINES_FIRST if m in params.matrix.encoders] + [
+        m for m in params.matrix.encoders if m not in BASELINES_FIRST]
     zs, gr = collect_zeroshot(metrics / "zeroshot"), collect_zeroshot(metrics / "grounding")
-    models = [m for m in BASELINES_FIRST if m in params.matrix.encoders]
-    md.write_text(markdown(rows, inits, others, zeroshot_tables(zs, gr, models)))
+    zs_in = [r for r in zs if r["model"] in models and r["task"] == params.zeroshot.task]
+    gr_in = [r for r in gr if r["model"] in models and r["task"] == params.zeroshot.grounding.task]
+    extra = [r for r in zs + gr if r not in zs_in and r not in gr_in]
+    md.write_text(markdown(rows, inits, others + extra, zeroshot_tables(zs_in, gr_in, models)))
     csvs = curves(rows, inits, out / "curves")
     png = figure(rows, inits, out / "learning_curves.png")
     with tracking.start_run("report", config=to_dict(params), uri=params.tracking.uri,

@@ -39,7 +39,7 @@ def binary_scores(scores: torch.Tensor, labels: torch.Tensor, classes: tuple[str
     from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 
     out = auc_scores(scores, labels, classes)
-    f1s, accs, majority, all_positive = [], [], [], []
+    f1s, chance_f1, accs, majority = [], [], [], []
     for c, name in enumerate(classes):
         known = ~torch.isnan(labels[:, c])
         y, pred = labels[known, c], (scores[known, c] > 0).float()
@@ -51,15 +51,17 @@ def binary_scores(scores: torch.Tensor, labels: torch.Tensor, classes: tuple[str
         acc = float(compute_confusion_matrix_metric("accuracy", cm))
         prevalence = float(y.mean())
         out[f"f1_{name}"], out[f"accuracy_{name}"], out[f"positives_{name}"] = f1, acc, int(y.sum())
-        f1s.append(f1)
         accs.append(acc)
         majority.append(max(prevalence, 1 - prevalence))
-        all_positive.append(2 * prevalence / (1 + prevalence))
-    out["f1"] = float(np.nanmean(f1s)) if f1s and not np.isnan(f1s).all() else math.nan
+        if not math.isnan(f1):  # no positive and none called: F1 undefined, left out of both means
+            f1s.append(f1)
+            chance_f1.append(2 * prevalence / (1 + prevalence))
+    out["f1"] = float(np.mean(f1s)) if f1s else math.nan
+    out["f1_classes_undefined"] = len(classes) - len(f1s)
     out["accuracy"] = float(np.mean(accs)) if accs else math.nan
     out["chance_auc"] = 0.5
     out["chance_accuracy_majority"] = float(np.mean(majority)) if majority else math.nan
-    out["chance_f1_all_positive"] = float(np.mean(all_positive)) if all_positive else math.nan
+    out["chance_f1_all_positive"] = float(np.mean(chance_f1)) if chance_f1 else math.nan
     return out
 
 
@@ -88,7 +90,7 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
     root = tracking.project_root()
     folder = zeroshot_tasks.dataset_folder(source, params, root)
     df = mf.read_manifest(folder)
-    classes = tuple(zeroshot_tasks.classes(df, folder))
+    classes, excluded = zeroshot_tasks.classes(df, folder)
     pre = encoders.load(model, params, root)
     dev = runtime.device()
     pre.model.to(dev)
@@ -115,7 +117,8 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
     data_hash = mf.read_info(folder).get("sha256") or mf.dataset_hash(folder)
     metrics = {"task": source.name, "paper": source.paper, "model": pre.name, "model_source": pre.source,
                "model_sha256": pre.sha256, "model_dense": pre.config.get("dense"), "split": cfg.split,
-               "images": len(data), "classes": list(classes), "metric": headline, "score": result.get(headline),
+               "images": len(data), "classes": list(classes), "excluded_columns": excluded, "metric": headline,
+               "score": result.get(headline),
                "test": result, "prompts": {p.name: {"positive": list(p.positive), "negative": list(p.negative)}
                                            for p in prompts},
                "ensemble": cfg.ensemble, "dropped": data.dropped, "data_hash": data_hash}

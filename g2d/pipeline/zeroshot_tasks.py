@@ -59,9 +59,11 @@ def dataset_folder(source: Source, params: Params, root: Path) -> Path:
     return resolve_path(root, params.paths.synthcxr) / source.synthcxr
 
 
-def classes(df: pd.DataFrame, folder: Path) -> list[str]:
-    """The manifest's label columns that name a finding."""
-    found = [c for c in mf.label_columns(df) if c not in NOT_FINDINGS]
+def classes(df: pd.DataFrame, folder: Path) -> tuple[tuple[str, ...], list[str]]:
+    """The manifest's label columns that name a finding, and those left out ('No Finding', 'normal')."""
+    columns = mf.label_columns(df)
+    excluded = [c for c in columns if c.strip().lower().replace(" ", "_") in NOT_FINDINGS]
+    found = tuple(c for c in columns if c not in excluded)
     if not found:
         raise DataError(f"{folder / mf.MANIFEST}: no label columns to prompt for (columns: {list(df.columns)})")
-    return found
+    return found, excluded
