@@ -457,7 +457,10 @@ def to_dict(params: BaseModel) -> dict[str, Any]:
     return params.model_dump(mode="json")
 
 
-def dump_yaml(params: BaseModel, path: Path) -> Path:
+def dump_yaml(params: BaseModel, path: Path, sections: tuple[str, ...] | None = None) -> Path:
+    """The effective config as YAML; with `sections`, only those (a stage's own params, so that another
+    stage's params never change, and re-run, this stage's output)."""
+    data = to_dict(params)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(params), sort_keys=False))
+    path.write_text(yaml.safe_dump({k: data[k] for k in sections} if sections else data, sort_keys=False))
     return path

@@ -135,7 +135,7 @@ def test_local_embeddings_make_up_the_pooled_embedding():
     model = G2D(cfg, vocab_size=64, image_size=64).eval()
     with torch.no_grad():
         out = model.encode_image(torch.rand(2, 1, 64, 64))
-        local = similarity.local_embeddings(model.pool, out.projected_map).flatten(2)  # (B, d, hw)
+        local = model.pool.local_embeddings(out.projected_map).flatten(2)  # (B, d, hw)
         weights = out.attention.flatten(1)  # (B, hw), the query's weights on the pixels
         mean = out.projected_map.flatten(2).mean(2, keepdim=True)  # the mean token, with its own position
         pos0 = model.pool._positions(*out.projected_map.shape[-2:])[:1]

@@ -26,7 +26,7 @@ from g2d.model.towers import TextTower, build_unet
 class ImageOutput:
     embedding: torch.Tensor  # (B, d), pooled
     attention: torch.Tensor  # (B, heads, h, w), the pooling query's weights over the C5 map
-    projected_map: torch.Tensor  # (B, d, h, w), P_v of C5 (for grounding)
+    projected_map: torch.Tensor  # (B, d, h, w), P_v of C5 (pool.local_embeddings of it: grounding)
     features: list[torch.Tensor]  # encoder pyramid, input of the decoder
 
 

@@ -61,6 +61,16 @@ class AttentionPool(nn.Module):
             pix = F.interpolate(pix, size=(h, w), mode="bicubic", align_corners=False).reshape(-1, h * w).T
         return torch.cat([mean_pos, pix])
 
+    def local_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, d, H, W) -> (B, d, H, W): each location in the shared space, as the pooling would carry it
+        if it attended to that location alone (its value and output projections, with its position).
+        The pooled embedding is the attention-weighted mean of these (per head), so a prompt can be
+        compared with every location: zero-shot grounding (MaskCLIP's reading of CLIP's pooling)."""
+        b, d, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2) + self._positions(h, w)[1:]
+        values = F.linear(tokens, self.attn.in_proj_weight[2 * d:], self.attn.in_proj_bias[2 * d:])
+        return self.attn.out_proj(values).transpose(1, 2).reshape(b, d, h, w)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, _, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, HW, d)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from g2d import tracking
-from g2d.config import Params, resolve_path
+from g2d.config import Params
 from g2d.errors import G2DError
 from g2d.pipeline import model_files
 
@@ -44,29 +42,11 @@ class Pretrained:
 
 
 def load(spec: str, params: Params, root: Path) -> Pretrained:
-    name = spec
-    if spec in params.finetune.inits:
-        spec = params.finetune.inits[spec]
-        if spec == "random":
-            raise EncoderError(f"--model {name}: a random network has no trained text tower to compare with; give "
+    with model_files.locate(spec, params.finetune.inits, root, params.tracking.uri, "--model", EncoderError) as found:
+        if found.path is None:
+            raise EncoderError(f"--model {spec}: a random network has no trained text tower to compare with; give "
                                "a pre-trained encoder (g2d, global, a model folder or models:/g2d-encoder/latest)")
-    path = resolve_path(root, spec)
-    if path.exists():
-        source = path.resolve().relative_to(root.resolve()).as_posix() \
-            if path.resolve().is_relative_to(root.resolve()) else str(path)
-        return _from_folder(name, source, path)
-    if spec != name:
-        raise EncoderError(f"--model {name}: {path} (finetune.inits.{name}) does not exist; train it first "
-                           "(`dvc repro pretrain` or `g2d pretrain`)")
-    try:
-        info = tracking.resolve_model(spec, uri=params.tracking.uri)
-    except G2DError as e:
-        raise EncoderError(f"--model {spec}: no such folder, not a name in finetune.inits "
-                           f"({', '.join(params.finetune.inits)}) and not a registered model ({e})") from None
-    source = f"models:/{info.name}/{info.version}"
-    with tempfile.TemporaryDirectory(prefix="g2d-model-") as tmp:
-        folder = tracking.pull_model(source, Path(tmp) / "pulled", uri=params.tracking.uri)
-        return _from_folder(name, source, folder)
+        return _from_folder(found.name, found.source, found.path)
 
 
 def _from_folder(name: str, source: str, folder: Path) -> Pretrained:

@@ -9,7 +9,6 @@ neither a run nor a registered version behind.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import tempfile
@@ -23,7 +22,7 @@ from g2d.config import Params, resolve_path, to_dict
 from g2d.data import labelled, tasks
 from g2d.data import manifest as mf
 from g2d.errors import ConfigError
-from g2d.pipeline import initialisation, model_files, runtime
+from g2d.pipeline import initialisation, metrics_files, model_files, runtime
 from g2d.pipeline.downstream import classification, detection, segmentation
 from g2d.pipeline.downstream.fit import TrainingError
 from g2d.progress import Reporter, silent
@@ -115,7 +114,7 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
         tr.log_dataset(f"{spec.name}-{folder.name}", source=str(folder / mf.MANIFEST), digest=data_hash,
                        context="training", profile={s: len(d) for s, d in data.items()},
                        tags={"fraction": frac_label(frac), "fraction_sha256": chosen.sha256})
-        recipe = {"segmentation": ft.segmentation, "classification": ft.probe, "detection": ft.detection}[spec.kind]
+        recipe = _recipe(spec, ft)
         advance = reporter.task(f"fine-tune {spec.name} {frac:.0%} labels, init {start.name}", recipe.max_steps)
         result = family.fit(net, data, spec, ft, seed, advance, tr.log_metrics)
         test = family.evaluate(net, data["test"], spec, config)
@@ -138,8 +137,7 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
         tr.log_metrics({f"test/{k}": v for k, v in test.items() if isinstance(v, int | float) and not
                         (isinstance(v, float) and math.isnan(v))}, step=result.steps)
         tr.log_metrics({"best_step": result.best_step}, step=result.steps)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n")
+        metrics_files.write(out_path, metrics)
         tr.log_artifact(out_path)
         name = f"g2d-{spec.name}"
         with tempfile.TemporaryDirectory(prefix="g2d-finetune-") as tmp:
@@ -155,21 +153,14 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
         return FinetuneOutcome(metrics, out_path, tr.run_id, name, version)
 
 
+def _recipe(spec, ft):
+    """The task family's training params: finetune.segmentation, .probe or .detection."""
+    return {"segmentation": ft.segmentation, "classification": ft.probe, "detection": ft.detection}[spec.kind]
+
+
 def _frozen_encoder(spec, ft) -> bool:
-    if spec.kind == "classification":
-        return True
-    return (ft.segmentation if spec.kind == "segmentation" else ft.detection).freeze_encoder
-
-
-def _finite(obj):
-    """NaN (an undefined AUC, a validation never defined) as JSON null: JSON has no NaN."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    """The linear probe always keeps the encoder frozen; the others as their params say."""
+    return getattr(_recipe(spec, ft), "freeze_encoder", True)
 
 
 def _card(name: str, config: dict, metrics: dict, run_id: str) -> str:
@@ -222,15 +213,11 @@ def evaluate(params: Params, task: str | None, model: str, reporter: Reporter = 
     spec = tasks.get(task or params.finetune.task)
     root = tracking.project_root()
     folder = tasks.dataset_folder(spec, params, root)
-    path = resolve_path(root, model)
-    with tempfile.TemporaryDirectory(prefix="g2d-evaluate-") as tmp:
-        if path.exists():
-            source, model_dir = str(path), path
-        else:
-            info = tracking.resolve_model(model, uri=params.tracking.uri)
-            source = f"models:/{info.name}/{info.version}"
-            model_dir = tracking.pull_model(source, Path(tmp) / "pulled", uri=params.tracking.uri)
-        net, config = load_model(model_dir)
+    with model_files.locate(model, {}, root, params.tracking.uri, "--model") as found:
+        if found.path is None:
+            raise model_files.ModelFilesError(f"--model {model}: a random network is not a fine-tuned model")
+        source = found.source
+        net, config = load_model(found.path)
     if config["kind"] != spec.kind or list(config.get("classes", [])) != list(spec.labels):
         raise model_files.ModelFilesError(
             f"{source}: a {config['kind']} model for {config.get('task')} ({config.get('classes')}); task "

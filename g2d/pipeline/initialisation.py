@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from g2d import tracking
-from g2d.config import Model, Params, resolve_path
+from g2d.config import Model, Params
 from g2d.errors import ConfigError, G2DError
 from g2d.pipeline import model_files, runtime
 
-RANDOM = "random"
+RANDOM = model_files.RANDOM
 
 
 class InitError(G2DError):
@@ -40,30 +38,12 @@ class Init:
 
 
 def resolve(spec: str, params: Params, root: Path) -> Init:
-    name = spec
-    if spec in params.finetune.inits:
-        spec = params.finetune.inits[spec]
-    if spec == RANDOM:
-        return Init(name, RANDOM, params.model, None)
-    path = resolve_path(root, spec)
-    if path.exists():
-        init = _from_path(name, path)
-        if path.resolve().is_relative_to(root.resolve()):  # recorded relative: the same in every clone
-            init.source = path.resolve().relative_to(root.resolve()).as_posix()
+    with model_files.locate(spec, params.finetune.inits, root, params.tracking.uri, "--init", InitError) as found:
+        if found.path is None:
+            return Init(found.name, RANDOM, params.model, None)
+        init = _from_path(found.name, found.path)
+        init.source = found.source
         return init
-    if spec != name:
-        raise InitError(f"--init {name}: {path} (finetune.inits.{name}) does not exist; train it first "
-                        "(`dvc repro` or `g2d pretrain`)")
-    try:
-        info = tracking.resolve_model(spec, uri=params.tracking.uri)
-    except G2DError as e:
-        raise InitError(f"--init {spec}: no such file or folder, not 'random' or a name in finetune.inits "
-                        f"({', '.join(params.finetune.inits)}), and not a registered model ({e})") from None
-    with tempfile.TemporaryDirectory(prefix="g2d-init-") as tmp:
-        folder = tracking.pull_model(f"{info.name}/{info.version}", Path(tmp) / "pulled", uri=params.tracking.uri)
-        init = _from_folder(name, folder)
-    init.source = f"models:/{info.name}/{info.version}"
-    return init
 
 
 def _from_path(name: str, path: Path) -> Init:

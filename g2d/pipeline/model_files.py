@@ -1,21 +1,64 @@
 """A trained G2D model as a folder of plain files: `model.safetensors` (weights, loading never
-unpickles code), `config.yaml` (what builds the network again) and `model_card.md`."""
+unpickles code), `config.yaml` (what builds the network again) and `model_card.md`; and where a
+model a user names on the command line lives (`locate`)."""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from g2d.config import Model
+from g2d import tracking
+from g2d.config import Model, resolve_path
 from g2d.errors import G2DError
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.yaml", "model_card.md"
 ENCODER_KIND = "g2d-encoder"  # `kind` in config.yaml of a pre-trained model; fine-tuned ones name their task
+RANDOM = "random"
 
 
 class ModelFilesError(G2DError):
     """A model folder is incomplete or does not match its config."""
+
+
+@dataclass
+class Located:
+    name: str  # as given, or the finetune.inits name
+    source: str  # a path relative to the project (else absolute), models:/NAME/VERSION, or 'random'
+    path: Path | None  # the file or folder (a registry pull lives until the context ends); None = random
+
+
+@contextmanager
+def locate(spec: str, inits: dict[str, str], root: Path, uri: str | None, flag: str,
+           error: type[G2DError] = ModelFilesError) -> Iterator[Located]:
+    """SPEC is a name in `inits`, 'random', a path, or a registered model (models:/NAME/latest,
+    NAME@ALIAS, NAME/VERSION), which is pulled into a temporary folder for the context's life."""
+    name = spec
+    if spec in inits:
+        spec = inits[spec]
+    if spec == RANDOM:
+        yield Located(name, RANDOM, None)
+        return
+    path = resolve_path(root, spec)
+    if path.exists():
+        inside = path.resolve().is_relative_to(root.resolve())  # recorded relative: the same in every clone
+        yield Located(name, path.resolve().relative_to(root.resolve()).as_posix() if inside else str(path), path)
+        return
+    if spec != name:
+        raise error(f"{flag} {name}: {path} (finetune.inits.{name}) does not exist; train it first "
+                    "(`dvc repro` or `g2d pretrain`)")
+    try:
+        info = tracking.resolve_model(spec, uri=uri)
+    except G2DError as e:
+        known = f"'random' or a name in finetune.inits ({', '.join(inits)})" if inits else "a model folder"
+        raise error(f"{flag} {spec}: no such file or folder, not {known}, and not a registered model ({e})") from None
+    source = f"models:/{info.name}/{info.version}"
+    with tempfile.TemporaryDirectory(prefix="g2d-model-") as tmp:
+        yield Located(name, source, tracking.pull_model(source, Path(tmp) / "pulled", uri=uri))
 
 
 def save(model, image_size: int, folder: Path, card: str, extra: dict | None = None) -> Path:
@@ -57,14 +100,11 @@ def load(folder: Path):
     from g2d.model.towers import load_tokenizer
 
     folder = Path(folder)
-    for name in (WEIGHTS, CONFIG):
-        if not (folder / name).is_file():
-            raise ModelFilesError(f"{folder}: missing {name}; is this a folder from `g2d models pull`?")
+    config = read_config(folder)
     try:
-        config = yaml.safe_load((folder / CONFIG).read_text())
         cfg = Model.model_validate(config["model"])
         image_size = int(config["image_size"])
-    except (yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ModelFilesError(f"{folder / CONFIG}: not a g2d model config ({type(e).__name__}: {e})") from None
     tokenizer = load_tokenizer(cfg)
     model = G2D(cfg, tokenizer.vocab_size, image_size)

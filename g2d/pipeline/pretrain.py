@@ -70,7 +70,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def model_card(params: Params, metrics: dict, data_hash: str, split_hash: str, run_id: str) -> str:
+def model_card(params: Params, metrics: dict, data_hash: str, split_hash: str) -> str:
+    """The card inside the model folder: a function of the stage's inputs only (no run id, no time), so a
+    rerun that trains the same weights writes the same folder and DVC sees nothing new downstream."""
     m, p = params.model, params.pretrain
     retrieval = ", ".join(f"{k} {v:.3f}" for k, v in metrics.get("retrieval", {}).items())
     iou = metrics.get("pseudo_mask", {})
@@ -84,7 +86,7 @@ decoder, a `{m.text_model}` text tower, projections to d = {m.embed_dim} and a {
 - dense pretext: `{p.dense}`; pseudo mask: threshold {p.pseudo_mask.threshold}, heads aggregated
   {p.pseudo_mask.aggregate_heads}, body mask {p.pseudo_mask.body_mask}, smoothing {p.pseudo_mask.smooth}
 - {metrics['steps']} steps, batch {p.batch_size}, {p.image_size} px, AdamW lr {p.lr}, seed {params.seed}
-- MLflow run `{run_id}`
+- the MLflow run: the registered version's `run_id`
 
 ## Metrics (val split)
 - zero-shot retrieval: {retrieval}
@@ -233,11 +235,11 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
         tr.log_artifact(metrics_path)
 
-        card = model_card(params, metrics, info.get("sha256", ""), split_hash, tr.run_id)
+        card = model_card(params, metrics, info.get("sha256", ""), split_hash)
         model_files.save(model, p.image_size, out, card, extra={"kind": model_files.ENCODER_KIND,
                                                                  "dense": p.dense, "data_hash": info.get("sha256"),
                                                                  "split_hash": split_hash})
-        dump_yaml(params, out / "params.yaml")
+        dump_yaml(params, out / "params.yaml", ("seed", "model", "pretrain"))
         version = tracking.register_model_dir(tr, out, p.register_as)
         return PretrainOutcome(out, metrics, tr.run_id, version)
 

@@ -4,11 +4,10 @@
   trained) with a positive and a negative prompt per class, as in the paper's Table 2a.
 - Grounding compares the prompt with every location of the last feature map and upsamples the cosine
   similarities to the image size: a heat map per prompt. A location enters the shared space the way
-  the pooling would carry it: P_v of C5 plus the positional embedding, through the pooling's value and
-  output projections (the pooled embedding is an attention-weighted mean of exactly these vectors;
-  MaskCLIP's reading of CLIP's attention pool). P_v's raw output is not in the shared space: on the
-  default SynthCXR run its maximum lands inside the finding for 0 of 784 phrases (value and output
-  projections: 84, chance 35).
+  the pooling would carry it (`AttentionPool.local_embeddings`: P_v of C5 plus its position, through
+  the pooling's value and output projections). P_v's raw output is not in the shared space: on the
+  default SynthCXR run its maximum lands inside the finding for 0 of 784 phrases (through the
+  pooling's projections: 84, chance 35).
 
 Prompts are built from templates with a `{finding}` slot; with `ensemble`, every template is embedded
 and the class prompt is their normalised mean (CLIP's prompt ensembling).
@@ -88,16 +87,6 @@ class ImageEmbeddings:
     maps: torch.Tensor  # (N, d, h, w) unit-norm per-location embeddings in the shared space
 
 
-def local_embeddings(pool, projected: torch.Tensor) -> torch.Tensor:
-    """(B, d, h, w) P_v maps -> (B, d, h, w): each location through the attention pooling's value and
-    output projections, with its positional embedding, as if the pooling attended to it alone."""
-    b, d, h, w = projected.shape
-    tokens = projected.flatten(2).transpose(1, 2) + pool._positions(h, w)[1:]
-    attn = pool.attn
-    values = F.linear(tokens, attn.in_proj_weight[2 * d:], attn.in_proj_bias[2 * d:])
-    return attn.out_proj(values).transpose(1, 2).reshape(b, d, h, w)
-
-
 @torch.no_grad()
 def embed_images(model, images: torch.Tensor, batch_size: int = 64) -> ImageEmbeddings:
     """Images (N, 1, S, S) in [0, 1] at the model's size."""
@@ -106,7 +95,7 @@ def embed_images(model, images: torch.Tensor, batch_size: int = 64) -> ImageEmbe
     for i in range(0, len(images), batch_size):
         out = model.encode_image(images[i:i + batch_size].to(dev))
         pooled.append(F.normalize(out.embedding.float(), dim=-1).cpu())
-        maps.append(F.normalize(local_embeddings(model.pool, out.projected_map).float(), dim=1).cpu())
+        maps.append(F.normalize(model.pool.local_embeddings(out.projected_map).float(), dim=1).cpu())
     return ImageEmbeddings(torch.cat(pooled), torch.cat(maps))
 
 

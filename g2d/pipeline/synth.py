@@ -9,10 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from g2d import tracking
-from g2d.config import Params, resolve_path, to_dict
+from g2d.config import Params, dump_yaml, resolve_path, to_dict
 from g2d.data import manifest as mf
 from g2d.data.sources import embedded
 from g2d.data.synthcxr import build, contact_sheet
@@ -50,10 +48,7 @@ def run(params: Params, reporter: Reporter = silent) -> SynthOutcome:
         data_hash = combined_hash(result.info)
         tr.set_tag("g2d.data_hash", data_hash)
 
-        # the effective config beside the output: only the sections this stage reads, so that changing
-        # another stage's params never changes (and re-runs) this output
-        (out / "params.yaml").write_text(yaml.safe_dump({k: to_dict(params)[k] for k in ("paths", "synth")},
-                                                        sort_keys=False))
+        dump_yaml(params, out / "params.yaml", ("paths", "synth"))  # the effective config beside the output
         sheet = contact_sheet.write_pretrain_sheet(out / "pretrain", out / "contact_sheet.png",
                                                    params.synth.contact_sheet)
         seg_sheet = contact_sheet.write_segmentation_sheet(
