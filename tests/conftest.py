@@ -65,3 +65,36 @@ def tiny_synthcxr_project(root: Path):
     embedded.fetch(root / "data")
     build.build(params.synth, root / "data", root / params.paths.synthcxr)
     return params
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -> Path:
+    """params.tiny.yaml, its SynthCXR rendered and a tiny G2D pre-trained (`models/pretrain`, registered as
+    g2d-encoder version 1); one per test module."""
+    from g2d.pipeline import pretrain
+
+    root = tmp_path_factory.mktemp("pretrained") / "project"
+    params = tiny_synthcxr_project(root)
+    shutil.copyfile(mlflow_template_db, root / "mlflow.db")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        pretrain.run(params)
+    shutil.copyfile(root / "mlflow.db", root / "pretrained.db")
+    return root
+
+
+@pytest.fixture
+def project(tiny_project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The tiny project as the cwd, with a store as right after pre-training and no downstream metrics.
+    Each test gets its own store file: MLflow keeps one engine per URI, so a file replaced under it would
+    go stale."""
+    for var in _TRACKING_ENV:
+        monkeypatch.delenv(var, raising=False)
+    db = tiny_project / f"mlflow-{tmp_path.name}.db"
+    shutil.copyfile(tiny_project / "pretrained.db", db)
+    for folder in ("finetune", "zeroshot", "grounding"):
+        shutil.rmtree(tiny_project / "metrics" / folder, ignore_errors=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.chdir(tiny_project)
+    return tiny_project

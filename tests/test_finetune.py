@@ -20,39 +20,10 @@ from g2d.config import load_params
 from g2d.data import labelled, tasks
 from g2d.data import manifest as mf
 from g2d.errors import ConfigError, DataError
-from g2d.pipeline import finetune, initialisation, pretrain, report, runtime
+from g2d.pipeline import finetune, initialisation, report, runtime
 from g2d.pipeline.downstream import fit as loop
-from tests.conftest import tiny_synthcxr_project
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory, mlflow_template_db) -> Path:
-    """params.tiny.yaml, its SynthCXR rendered and a tiny G2D pre-trained (the `g2d` init)."""
-    root = tmp_path_factory.mktemp("finetune") / "project"
-    params = tiny_synthcxr_project(root)
-    shutil.copyfile(mlflow_template_db, root / "mlflow.db")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        pretrain.run(params)
-    shutil.copyfile(root / "mlflow.db", root / "pretrained.db")
-    return root
-
-
-@pytest.fixture
-def project(tiny_project, monkeypatch, tmp_path) -> Path:
-    """The tiny project with a store as right after pre-training (only g2d-encoder registered). Each test
-    gets its own store file: MLflow keeps one engine per URI, so a file replaced under it would go stale."""
-    for var in ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.delenv(var, raising=False)
-    db = tiny_project / f"mlflow-{tmp_path.name}.db"
-    shutil.copyfile(tiny_project / "pretrained.db", db)
-    shutil.rmtree(tiny_project / "metrics" / "finetune", ignore_errors=True)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    monkeypatch.chdir(tiny_project)
-    return tiny_project
 
 
 def params(root: Path, *overrides: str):

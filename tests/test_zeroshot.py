@@ -25,8 +25,7 @@ from g2d.cli import app
 from g2d.config import Model, Zeroshot, load_params
 from g2d.data import manifest as mf
 from g2d.errors import ConfigError, DataError
-from g2d.pipeline import grounding, grounding_metrics, pretrain, similarity, zeroshot
-from tests.conftest import tiny_synthcxr_project
+from g2d.pipeline import grounding, grounding_metrics, similarity, zeroshot
 
 # ---------------------------------------------------------------- prompts
 
@@ -148,30 +147,6 @@ def test_local_embeddings_make_up_the_pooled_embedding():
 
 
 # ---------------------------------------------------------------- the tiny project
-
-
-@pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory, mlflow_template_db) -> Path:
-    root = tmp_path_factory.mktemp("zeroshot") / "project"
-    params = tiny_synthcxr_project(root)
-    shutil.copyfile(mlflow_template_db, root / "mlflow.db")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        pretrain.run(params)
-    shutil.copyfile(root / "mlflow.db", root / "pretrained.db")
-    return root
-
-
-@pytest.fixture
-def project(tiny_project, monkeypatch, tmp_path) -> Path:
-    for var in ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.delenv(var, raising=False)
-    db = tiny_project / f"mlflow-{tmp_path.name}.db"
-    shutil.copyfile(tiny_project / "pretrained.db", db)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    monkeypatch.chdir(tiny_project)
-    return tiny_project
 
 
 def _gradient(h: int = 50, w: int = 70) -> np.ndarray:
