@@ -84,19 +84,21 @@ def embed_class_prompts(model, tokenizer, prompts: list[ClassPrompts]) -> tuple[
 @dataclass
 class ImageEmbeddings:
     pooled: torch.Tensor  # (N, d) unit-norm global embeddings
-    maps: torch.Tensor  # (N, d, h, w) unit-norm per-location embeddings in the shared space
+    maps: torch.Tensor | None  # (N, d, h, w) unit-norm per-location embeddings in the shared space
 
 
 @torch.no_grad()
-def embed_images(model, images: torch.Tensor, batch_size: int = 64) -> ImageEmbeddings:
-    """Images (N, 1, S, S) in [0, 1] at the model's size."""
+def embed_images(model, images: torch.Tensor, batch_size: int = 64, maps: bool = True) -> ImageEmbeddings:
+    """Images (N, 1, S, S) in [0, 1] at the model's size; `maps=False` keeps only the pooled embeddings
+    (zero-shot classification of a large test set need not hold N x d x h x w floats)."""
     dev = next(model.parameters()).device
-    pooled, maps = [], []
+    pooled, local = [], []
     for i in range(0, len(images), batch_size):
         out = model.encode_image(images[i:i + batch_size].to(dev))
         pooled.append(F.normalize(out.embedding.float(), dim=-1).cpu())
-        maps.append(F.normalize(model.pool.local_embeddings(out.projected_map).float(), dim=1).cpu())
-    return ImageEmbeddings(torch.cat(pooled), torch.cat(maps))
+        if maps:
+            local.append(F.normalize(model.pool.local_embeddings(out.projected_map).float(), dim=1).cpu())
+    return ImageEmbeddings(torch.cat(pooled), torch.cat(local) if maps else None)
 
 
 def similarity_maps(maps: torch.Tensor, texts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

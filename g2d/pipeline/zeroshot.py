@@ -103,7 +103,7 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
     prompts = similarity.class_prompts(list(classes), cfg)
     positive, negative = similarity.embed_class_prompts(pre.model, pre.tokenizer, prompts)
     advance = reporter.task(f"embed {len(data)} images with {pre.name}", len(data))
-    images = similarity.embed_images(pre.model, data.images, cfg.batch_size)
+    images = similarity.embed_images(pre.model, data.images, cfg.batch_size, maps=False)
     advance(len(data))
     if source.multiclass:
         scores = images.pooled @ positive.T
