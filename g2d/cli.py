@@ -283,7 +283,8 @@ def ground(
         out = stage.run(cfg, model, task, reporter)
     m, t = out.metrics, out.metrics["test"]
     typer.echo(f"{m['task']} {m['split']} ({t['targets']} findings on {t['images']} images), {m['model']}: pointing "
-               f"{t['pointing']:.4f} (chance {t['pointing_chance']:.4f}), IoU {t['iou']:.4f}, Dice {t['dice']:.4f} "
+               f"{t['pointing']:.4f} (chance {t['pointing_chance']:.4f}; in the body {t['pointing_body']:.4f}, chance "
+               f"{t['pointing_body_chance']:.4f}), IoU {t['iou']:.4f}, Dice {t['dice']:.4f} "
                f"at threshold {t['threshold']:g}, CNR {t['cnr']:.4f} (unrelated map {t['cnr_unrelated']:.4f})")
     typer.echo(f"threshold chosen on {m['threshold_chosen_on']}")
     typer.echo(f"metrics {out.metrics_path}, report page {out.page}  (MLflow run {out.run_id})")

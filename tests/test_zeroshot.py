@@ -84,6 +84,11 @@ def test_grounding_metrics_equal_hand_computed_values():
     heat, truth = torch.stack([HEAT, HEAT]), torch.stack([CENTRE, CORNER])
     assert grounding_metrics.pointing_hits(heat, truth).tolist() == [True, False]  # the maximum, 4, is central
     assert grounding_metrics.pointing_chance(truth).tolist() == [4 / 16, 1 / 16]
+    # with the maximum's pixel outside the body, the next highest (3, also central) wins
+    body = torch.ones(2, 4, 4, dtype=torch.bool)
+    body[:, 2, 2] = False
+    assert grounding_metrics.pointing_hits(heat, truth, body).tolist() == [True, False]
+    assert grounding_metrics.pointing_chance(truth, body).tolist() == pytest.approx([3 / 15, 1 / 15])
     # scaled to [0, 1] the map is HEAT / 4; at 0.5 it keeps the pixels 2, 3, 4: all three inside the centre
     iou, dice = grounding_metrics.overlap(similarity.scale01(heat), truth, 0.5)
     assert iou.tolist() == pytest.approx([3 / 4, 0.0])
@@ -246,6 +251,7 @@ def test_zeroshot_and_ground_end_to_end(project):
     gr = json.loads((project / "metrics" / "grounding" / "synthcxr_g2d.json").read_text())
     t = gr["test"]
     assert t["targets"] >= 1 and 0 <= t["pointing"] <= 1 and 0 < t["pointing_chance"] < 1
+    assert t["pointing_chance"] <= t["pointing_body_chance"] < 1  # the body is part of the image
     assert t["threshold"] in load_params("params.yaml").zeroshot.grounding.thresholds
     assert (project / "reports" / "grounding" / "synthcxr_g2d.png").stat().st_size > 10_000
     client = MlflowClient()
@@ -341,11 +347,11 @@ def test_report_table_2_uses_each_task_s_headline_metric():
     zs = [{"task": "chexpert-5x200", "model": "g2d", "metric": "accuracy", "score": 0.4, "file": "c_g2d.json",
            "test": {"accuracy": 0.4, "auc": 0.7, "f1": 0.3, "chance_accuracy": 0.2}}]
     gr = [{"task": "synthcxr", "model": "g2d", "metric": None, "score": None, "file": "synthcxr_g2d.json",
-           "test": {"pointing": 0.1, "pointing_chance": 0.05, "iou": 0.06, "dice": 0.09, "cnr": 0.7,
-                    "cnr_unrelated": 0.5}}]
+           "test": {"pointing": 0.1, "pointing_chance": 0.05, "pointing_body": 0.2, "pointing_body_chance": 0.08,
+                    "iou": 0.06, "dice": 0.09, "cnr": 0.7, "cnr_unrelated": 0.5}}]
     lines = "\n".join(report.zeroshot_tables(zs, gr, ["global", "g2d"]))
     assert "| G2D | 40.0 | 30.0 |" in lines and "| 20.0 |" in lines  # accuracy beside its chance, not the AUC
-    assert "| G2D | 10.0 | 6.0 | 9.0 | 0.70 |" in lines and "| Chance | 5.0 | – | – | 0.50 |" in lines
+    assert "| G2D | 10.0 | 20.0 | 6.0 | 9.0 | 0.70 (0.50) |" in lines and "| Chance | 5.0 | 8.0 | – | – | – |" in lines
 
 
 def test_in_memory_images_are_scaled_like_files(project, tmp_path):

@@ -1,7 +1,8 @@
 """The `ground` stage: `g2d ground --model M --task T` localises phrases without any box or mask
 supervision (paper Table 2b). The phrase's projected embedding is compared with every location of the
 image's projected last feature map; the upsampled cosine similarities are a heat map, scored against
-the phrase's own region (pipeline/grounding_metrics.py).
+the phrase's own region (pipeline/grounding_metrics.py); pointing is also scored with only the body
+(Otsu, as for the pseudo masks) competing, since a map's maximum can sit in the air at the border.
 
 A target is one (image, phrase, region): on SynthCXR every rendered finding with its phrase
 ('lung opacity in the left lower lung') and its own mask; in a manifest, every entry of the `findings`
@@ -29,6 +30,7 @@ from g2d import tracking
 from g2d.config import Params, Zeroshot, resolve_path
 from g2d.data import manifest as mf
 from g2d.errors import DataError
+from g2d.model.pseudo_mask import otsu_body_mask
 from g2d.pipeline import encoders, grounding_metrics, metrics_files, runtime, similarity, zeroshot_tasks
 from g2d.pipeline.figures import grounding_grid
 from g2d.progress import Advance, Reporter, silent
@@ -188,12 +190,18 @@ def heat_maps(pre: encoders.Pretrained, targets: Targets, batch_size: int) -> to
                                            align_corners=False)[:, 0]
 
 
-def score(heat: torch.Tensor, truth: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
-    """Per-target pointing hit, its chance, IoU and Dice at `threshold`, and CNR."""
+def score(heat: torch.Tensor, truth: torch.Tensor, threshold: float,
+          body: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-target pointing hit and its chance (over the image, and over the body when given), IoU and
+    Dice at `threshold`, and CNR."""
     iou, dice = grounding_metrics.overlap(similarity.scale01(heat), truth, threshold)
-    return {"pointing": grounding_metrics.pointing_hits(heat, truth).float(),
-            "pointing_chance": grounding_metrics.pointing_chance(truth), "iou": iou, "dice": dice,
-            "cnr": grounding_metrics.cnr(heat, truth)}
+    out = {"pointing": grounding_metrics.pointing_hits(heat, truth).float(),
+           "pointing_chance": grounding_metrics.pointing_chance(truth), "iou": iou, "dice": dice,
+           "cnr": grounding_metrics.cnr(heat, truth)}
+    if body is not None:
+        out["pointing_body"] = grounding_metrics.pointing_hits(heat, truth, body).float()
+        out["pointing_body_chance"] = grounding_metrics.pointing_chance(truth, body)
+    return out
 
 
 def metrics_path(params: Params, task: str, label: str) -> Path:
@@ -236,7 +244,8 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
         chosen_on = "no val finding to choose on: the middle candidate"
     heat = heat_maps(pre, test, cfg.batch_size)
     truth = torch.stack(test.truth)
-    per_target = score(heat, truth, threshold)
+    body = otsu_body_mask(test.images)[:, 0][torch.tensor(test.image_index)] | truth  # the finding is body
+    per_target = score(heat, truth, threshold, body)
     result = {k: float(np.nanmean(v.numpy())) if len(v) else math.nan for k, v in per_target.items()}
     result["cnr_unrelated"] = _unrelated_cnr(heat, truth, test.image_index)
     result["targets"], result["images"] = len(test), len(test.image_ids)
@@ -246,6 +255,7 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
         by_kind[kind].append(i)
     kinds = {k: {"targets": len(ix), "pointing": float(per_target["pointing"][ix].mean()),
                  "pointing_chance": float(per_target["pointing_chance"][ix].mean()),
+                 "pointing_body": float(per_target["pointing_body"][ix].mean()),
                  "cnr": float(np.nanmean(per_target["cnr"][ix].numpy()))} for k, ix in sorted(by_kind.items())}
 
     data_hash = mf.read_info(folder).get("sha256") or mf.dataset_hash(folder)

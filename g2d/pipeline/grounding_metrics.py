@@ -1,7 +1,8 @@
 """How well a heat map finds a phrase's region, the measures used for MS-CXR style phrase grounding.
 
 - Pointing game: is the heat map's maximum inside the truth? A uniformly random point hits with
-  probability area(truth) / area(image): that is the chance level reported beside it.
+  probability area(truth) / area(image): that is the chance level reported beside it. With `within`
+  (the body), only locations inside it compete, and chance is the truth's share of the body.
 - IoU and Dice of the heat map binarised at a threshold on its [0, 1]-scaled values (MONAI's metrics);
   the threshold is chosen on val (best mean Dice) and only then applied to test.
 - Contrast-to-noise ratio, as BioViL defines it for MS-CXR: |mean inside - mean outside| divided by
@@ -17,15 +18,22 @@ from __future__ import annotations
 import torch
 
 
-def pointing_hits(heat: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """(N,) bool: the arg-max location (the first on ties) lies inside the truth."""
+def pointing_hits(heat: torch.Tensor, truth: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) bool: the arg-max location (the first on ties), among those `within` when given, lies inside
+    the truth."""
+    if within is not None:
+        heat = heat.masked_fill(~within, float("-inf"))
     where = heat.flatten(1).argmax(1)
     return truth.flatten(1)[torch.arange(len(where)), where]
 
 
-def pointing_chance(truth: torch.Tensor) -> torch.Tensor:
-    """(N,) the hit probability of a uniformly random point: the truth's share of the image."""
-    return truth.flatten(1).float().mean(1)
+def pointing_chance(truth: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) the hit probability of a uniformly random point (inside `within` when given): the truth's
+    share of the image (or of `within`)."""
+    if within is None:
+        return truth.flatten(1).float().mean(1)
+    inside = within.flatten(1)
+    return (truth.flatten(1) & inside).sum(1).float() / inside.sum(1).clamp_min(1).float()
 
 
 def overlap(heat01: torch.Tensor, truth: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:

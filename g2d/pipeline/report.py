@@ -119,10 +119,12 @@ def zeroshot_tables(zs: list[dict], gr: list[dict], models: list[str]) -> list[s
                 + " | ".join(chance) + " |", ""]
     if gr:
         task_names = _order({r["task"] for r in gr}, [])
-        head = ["Method"] + [f"{t} {c}" for t in task_names for c in ("pointing", "IoU", "Dice", "CNR")]
+        head = ["Method"] + [f"{t} {c}" for t in task_names
+                             for c in ("pointing", "pointing in body", "IoU", "Dice", "CNR (unrelated map)")]
         out += ["## Table 2b: zero-shot grounding (phrase heat maps against each finding's own mask)", "",
-                "Pointing game, IoU and Dice x 100 (binarised at the threshold chosen on val), CNR as is. Chance: "
-                "a uniformly random point (the finding's share of the image) for pointing, and for CNR each mask "
+                "Pointing game (over the image, and with only the body competing), IoU and Dice x 100 (binarised "
+                "at the threshold chosen on val), CNR as is. Chance: a uniformly random point (the finding's "
+                "share of the image, or of the body) for pointing; for CNR, in brackets, the same encoder's masks "
                 "scored against the heat map of another image (a map unrelated to the finding).", "",
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         index = {(r["task"], r["model"]): r["test"] for r in gr}
@@ -130,13 +132,13 @@ def zeroshot_tables(zs: list[dict], gr: list[dict], models: list[str]) -> list[s
             cells = []
             for t in task_names:
                 test = index.get((t, m), {})
-                cells += [_cell(test.get("pointing")), _cell(test.get("iou")), _cell(test.get("dice")),
-                          _plain(test.get("cnr"))]
+                cells += [_cell(test.get("pointing")), _cell(test.get("pointing_body")), _cell(test.get("iou")),
+                          _cell(test.get("dice")), f"{_plain(test.get('cnr'))} ({_plain(test.get('cnr_unrelated'))})"]
             out.append(f"| {INIT_TITLES.get(m, m)} | " + " | ".join(cells) + " |")
         chance = []
         for t in task_names:
             test = next(r["test"] for r in gr if r["task"] == t)
-            chance += [_cell(test.get("pointing_chance")), "–", "–", _plain(test.get("cnr_unrelated"))]
+            chance += [_cell(test.get("pointing_chance")), _cell(test.get("pointing_body_chance")), "–", "–", "–"]
         out += ["| Chance | " + " | ".join(chance) + " |", ""]
         out += ["Report pages (examples: image, phrase, heat map, truth): " +
                 ", ".join(f"[{r['task']} {r['model']}](grounding/{Path(r['file']).stem}.png)" for r in gr), ""]
