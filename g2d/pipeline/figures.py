@@ -132,16 +132,15 @@ def _heat_panel(ax, image: np.ndarray, heat: np.ndarray, box=None, contours: boo
     ax.set_yticks([])
 
 
-def grounding_grid(images: torch.Tensor, heat: torch.Tensor, truth: torch.Tensor, binary: torch.Tensor,
+def grounding_grid(images: torch.Tensor, heat01: torch.Tensor, truth: torch.Tensor, binary: torch.Tensor,
                    phrases: list[str], ids: list[str], hits: list[bool], title: str, path: Path) -> Path:
-    """The grounding report page: per example the image, the phrase, its heat map, the truth (green
-    outline), the binarised map (white outline) and the maximum (a cross: green on the truth, red off)."""
+    """The grounding report page: per example the image, the phrase, its [0, 1]-scaled heat map, the truth
+    (green outline), the binarised map (white outline) and the maximum (a cross: green on the truth, red off)."""
     import textwrap
 
     fig, axes = _grid(len(images), title)
     for i, ax in enumerate(axes[: len(images)]):
-        h = heat[i].float()
-        h = ((h - h.min()) / (h.max() - h.min()).clamp_min(1e-12)).numpy()
+        h = heat01[i].float().cpu().numpy()
         _heat_panel(ax, images[i, 0].cpu().numpy(), h, contours=False)
         for mask, colour in ((truth[i], "lime"), (binary[i], "white")):
             m = mask.cpu().numpy().astype(np.float32)

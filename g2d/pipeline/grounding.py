@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from g2d import tracking
 from g2d.config import Params, Zeroshot, resolve_path
+from g2d.data import labelled
 from g2d.data import manifest as mf
 from g2d.errors import DataError
 from g2d.model.pseudo_mask import otsu_body_mask
@@ -60,15 +61,6 @@ class GroundOutcome:
     run_id: str
 
 
-def _gray(folder: Path, rel: str, where: str, size: int, resample: Image.Resampling) -> np.ndarray:
-    path = mf.resolve(folder, rel, where)
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L").resize((size, size), resample))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e}); run `g2d data validate {folder}`") from None
-
-
 def _box_mask(box, scale_x: float, scale_y: float, size: int, where: str) -> np.ndarray:
     """A filled box at the model size; a box thinner than a pixel there still covers one pixel."""
     try:
@@ -83,60 +75,57 @@ def _box_mask(box, scale_x: float, scale_y: float, size: int, where: str) -> np.
     return np.asarray(canvas) > 127
 
 
-def _size(folder: Path, rel: str, where: str) -> tuple[int, int]:
-    path = mf.resolve(folder, rel, where)
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e}); run `g2d data validate {folder}`") from None
+def _mask(folder: Path, rel: str, where: str, size: int) -> np.ndarray:
+    return labelled._open(folder, rel, where, size, Image.Resampling.NEAREST)[0] > 127
 
 
-def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeroshot,
-                 label_cols: list[str], dropped: Counter) -> list[tuple[str, str, np.ndarray]]:
+def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeroshot, label_cols: list[str],
+                 dropped: Counter) -> tuple[list[tuple[str, str, np.ndarray]], np.ndarray | None]:
     """(phrase, kind, truth mask at `size`) for each groundable finding of one manifest row: the `findings`
-    entries; else the boxes of the `boxes` column (their label as the phrase); else the row's `mask`."""
-    row_mask = None
-    if isinstance(row.get("mask"), str) and row["mask"]:
-        row_mask = _gray(folder, row["mask"], where, size, Image.Resampling.NEAREST) > 127
-    raw = row.get("findings")
-    if isinstance(raw, str) and raw.strip():
-        try:
-            findings = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: findings is not JSON ({e})") from None
-        width, height = _size(folder, row["image"], where)
-        out = []
-        for f in findings:
-            if not (f.get("phrase") or f.get("kind")):
-                dropped["findings with neither a phrase nor a kind"] += 1
-                continue
-            text = f.get("phrase") or similarity.finding_phrase(f, cfg)
-            if f.get("mask"):
-                truth = _gray(folder, f["mask"], where, size, Image.Resampling.NEAREST) > 127
-            elif f.get("box"):
-                truth = _box_mask(f["box"], size / width, size / height, size, where)
-                if row_mask is not None and (truth & row_mask).any():
-                    truth &= row_mask  # the finding's own part of the row's mask
-            else:
-                dropped["findings with neither a mask nor a box"] += 1
-                continue
-            out.append((text, f.get("kind") or text, truth))
-        return out
-    raw = row.get("boxes")
-    if isinstance(raw, str) and raw.strip() not in ("", "[]"):
-        try:
-            boxes = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: boxes is not JSON ({e})") from None
-        width, height = _size(folder, row["image"], where)
-        return [(similarity.phrase(str(b[4]), cfg) if len(b) > 4 else similarity.phrase(label_cols[0], cfg),
-                 str(b[4]) if len(b) > 4 else label_cols[0], _box_mask(b, size / width, size / height, size, where))
-                for b in boxes]
-    positive = [c for c in label_cols if row.get(c) == 1]
-    if row_mask is not None and row_mask.any() and positive:
-        return [(similarity.phrase(positive[0], cfg), positive[0], row_mask)]
-    return []
+    entries; else the boxes of the `boxes` column (their label as the phrase); else the row's `mask`.
+    Also the image at `size` when boxes needed its size (so it is read once)."""
+    row_mask = _mask(folder, row["mask"], where, size) if isinstance(row.get("mask"), str) and row["mask"] else None
+    findings = _json_list(row, "findings", where)
+    boxes = [] if findings else _json_list(row, "boxes", where)
+    if not findings and not boxes:
+        positive = [c for c in label_cols if row.get(c) == 1]
+        if row_mask is not None and row_mask.any() and positive:
+            return [(similarity.phrase(positive[0], cfg), positive[0], row_mask)], None
+        return [], None
+    image, width, height = labelled._open(folder, row["image"], where, size, Image.Resampling.BILINEAR)
+    scale = (size / width, size / height, size, where)
+    out = []
+    for f in findings:
+        if not (f.get("phrase") or f.get("kind")):
+            dropped["findings with neither a phrase nor a kind"] += 1
+            continue
+        text = f.get("phrase") or similarity.finding_phrase(f, cfg)
+        if f.get("mask"):
+            truth = _mask(folder, f["mask"], where, size)
+        elif f.get("box"):
+            truth = _box_mask(f["box"], *scale)
+            if row_mask is not None and (truth & row_mask).any():
+                truth &= row_mask  # the finding's own part of the row's mask
+        else:
+            dropped["findings with neither a mask nor a box"] += 1
+            continue
+        out.append((text, f.get("kind") or text, truth))
+    for box in boxes:
+        label = str(box[4]) if len(box) > 4 else (label_cols[0] if len(label_cols) == 1 else None)
+        if label is None:
+            raise DataError(f"{where}: box {box} has no label to phrase (expected [x0, y0, x1, y1, label])")
+        out.append((similarity.phrase(label, cfg), label, _box_mask(box, *scale)))
+    return out, image
+
+
+def _json_list(row: pd.Series, column: str, where: str) -> list:
+    raw = row.get(column)
+    if not isinstance(raw, str) or not raw.strip():
+        return []
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: {column} is not JSON ({e})") from None
 
 
 def load_targets(folder: Path, df: pd.DataFrame, split: str, size: int, cfg: Zeroshot,
@@ -151,14 +140,16 @@ def load_targets(folder: Path, df: pd.DataFrame, split: str, size: int, cfg: Zer
     out = Targets(torch.empty(0), [])
     for _, row in rows.iterrows():
         where = f"{folder / mf.MANIFEST} row {row['id']}"
-        found = _row_targets(row, folder, where, size, cfg, label_cols, out.dropped)
+        found, image = _row_targets(row, folder, where, size, cfg, label_cols, out.dropped)
         kept = [t for t in found if t[2].any()]
         if len(kept) < len(found):
             out.dropped["findings whose region is empty at the model size"] += len(found) - len(kept)
         if not found:
             out.dropped["images without a finding to ground"] += 1
         if kept:
-            images.append(_gray(folder, row["image"], where, size, Image.Resampling.BILINEAR))
+            if image is None:
+                image = labelled._open(folder, row["image"], where, size, Image.Resampling.BILINEAR)[0]
+            images.append(image)
             ids.append(row["id"])
             for text, kind, truth in kept:
                 out.image_index.append(len(images) - 1)
@@ -170,7 +161,6 @@ def load_targets(folder: Path, df: pd.DataFrame, split: str, size: int, cfg: Zer
     out.images = torch.from_numpy(np.stack(images)).float().div_(255).unsqueeze(1) if images else \
         torch.zeros(0, 1, size, size)
     out.image_ids = ids
-    out.dropped = Counter(out.dropped)
     return out
 
 
@@ -278,8 +268,9 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
         tr.log_metrics(metrics_files.numbers(result, f"{cfg.split}/"))
         metrics_files.write(out_path, metrics)
         tr.log_artifact(out_path)
-        grounding_grid(test.images[[test.image_index[i] for i in picks]], heat[picks], truth[picks],
-                       similarity.scale01(heat[picks]) >= threshold, [test.phrases[i] for i in picks],
+        shown = similarity.scale01(heat[picks])
+        grounding_grid(test.images[[test.image_index[i] for i in picks]], shown, truth[picks],
+                       shown >= threshold, [test.phrases[i] for i in picks],
                        [test.image_ids[test.image_index[i]] for i in picks],
                        [bool(per_target["pointing"][i]) for i in picks], title, page)
         tr.log_artifact(page, "figures")

@@ -51,8 +51,11 @@ class ClassPrompts:
 def class_prompts(classes: list[str], cfg: Zeroshot) -> list[ClassPrompts]:
     """'<finding>' vs 'no <finding>' per class, every template (or only the first without ensemble)."""
     take = slice(None) if cfg.ensemble else slice(1)
-    return [ClassPrompts(c, tuple(t.replace(FINDING, phrase(c, cfg)) for t in cfg.positive[take]),
-                         tuple(t.replace(FINDING, phrase(c, cfg)) for t in cfg.negative[take])) for c in classes]
+
+    def fill(templates: tuple[str, ...], words: str) -> tuple[str, ...]:
+        return tuple(t.replace(FINDING, words) for t in templates[take])
+
+    return [ClassPrompts(c, fill(cfg.positive, phrase(c, cfg)), fill(cfg.negative, phrase(c, cfg))) for c in classes]
 
 
 @torch.no_grad()
