@@ -109,6 +109,56 @@ def data_synth(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> 
                f"-> {outcome.out}  (MLflow run {outcome.run_id})")
 
 
+@data_app.command("import")
+@handles_errors
+def data_import(
+    source: Annotated[str, typer.Argument(help="mimic-cxr, siim, rsna, chexpert, covidx, object-cxr, ms-cxr or "
+                                          "chestxray14")],
+    src: Annotated[Path, typer.Option("--src", help="the dataset as downloaded (its official layout)")],
+    out: Annotated[Path, typer.Option("--out", help="new dataset folder, e.g. data/siim")],
+    protocol: Annotated[str | None, typer.Option("--protocol", help="split protocol, NAME or NAME.vN (default: the "
+                                                 "source's paper protocol; list: g2d data protocols)")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="MS-CXR: the MIMIC-CXR-JPG folder holding "
+                                                "files/ (default: --src)")] = None,
+    reports: Annotated[Path | None, typer.Option("--reports", help="MIMIC-CXR: the folder holding the reports' "
+                                                 "files/pXX/pSUBJECT/sSTUDY.txt (default: --src)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Import a downloaded dataset into a validated dataset folder; rerun the same command to resume."""
+    from g2d.pipeline import data_import
+    from g2d.progress import rich_progress
+
+    cfg = _params(params, set_, defaults_if_missing=True)
+    with rich_progress() as reporter:
+        outcome = data_import.run(cfg, source, src, out, protocol, images, reports, reporter)
+    r = outcome.result
+    typer.echo(f"{r.folder}: {r.rows} images, protocol {r.protocol.label} (sha256:{r.protocol.sha256[:12]})")
+    for split, n in r.splits.items():
+        paper = r.protocol.paper.get(split)
+        typer.echo(f"  {split:5s} {n:7d}" + (f"   paper {paper}" if paper else ""))
+    for reason, n in r.dropped.items():
+        typer.echo(f"  dropped {n}: {reason}")
+    typer.echo(f"  failed {len(r.failures)} (listed in {r.report})")
+    typer.echo(f"data hash {r.sha256[:16]}  in {outcome.seconds:.1f} s  (MLflow run {outcome.run_id}); "
+               f"next: dvc add {r.folder}, then point a task at it (README, 'Real datasets')")
+
+
+@data_app.command("protocols")
+@handles_errors
+def data_protocols(source: Annotated[str | None, typer.Argument(help="only this source's")] = None) -> None:
+    """The split protocols shipped with g2d: name, version, source, unit, the paper's sizes, SHA-256."""
+    from g2d.data import protocols
+
+    for name in protocols.available():
+        p = protocols.load(name)
+        if source and p.source != source:
+            continue
+        sizes = " / ".join(f"{p.paper[s]:,}" for s in ("train", "val", "test") if s in p.paper)
+        typer.echo(f"{p.label:26s} {p.source:12s} by {p.unit:7s} {('paper ' + sizes) if sizes else '':30s} "
+                   f"sha256:{p.sha256[:12]}")
+
+
 @data_app.command("validate")
 @handles_errors
 def data_validate(path: Annotated[Path, typer.Argument(help="dataset folder or its manifest.csv")]) -> None:
@@ -120,6 +170,8 @@ def data_validate(path: Annotated[Path, typer.Argument(help="dataset folder or i
     df = mf.read_manifest(path)
     with rich_progress() as reporter:
         report = mf.validate(path, reporter.task(f"validate {path}", len(df)))
+    for note in report.notes:
+        typer.echo(f"note: {note}")
     if report.ok:
         typer.echo(f"{report.manifest}: {report.rows} rows, no problems")
         return
@@ -147,6 +199,7 @@ def data_info(path: Annotated[Path, typer.Argument(help="dataset folder or its m
         "splits": {str(k): int(v) for k, v in df["split"].value_counts().sort_index().items()} if "split" in df else {},
         "prevalence": {c: round(float(df[c].fillna(0).eq(1).mean()), 4) for c in mf.label_columns(df)},
         "fractions": recorded.get("fractions", {}),
+        "protocol": recorded.get("protocol"),
         "sha256": mf.dataset_hash(folder),
     }
     if recorded.get("sha256") and recorded["sha256"] != info["sha256"]:
@@ -158,6 +211,10 @@ def data_info(path: Annotated[Path, typer.Argument(help="dataset folder or its m
     typer.echo("  splits " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
     if info["prevalence"]:
         typer.echo("  prevalence " + ", ".join(f"{k} {v:.1%}" for k, v in info["prevalence"].items()))
+    if info["protocol"]:
+        p = info["protocol"]
+        typer.echo(f"  protocol {p['name']}.v{p['version']} (by {p['unit']})  sha256:{p['sha256'][:12]}"
+                   + (f"  paper sizes {p['paper_sizes']}" if p.get("paper_sizes") else ""))
     for frac, f in info["fractions"].items():
         typer.echo(f"  fraction {frac}: {f['rows']} rows  {f['file']}  sha256:{f['sha256'][:12]}")
     typer.echo(f"  sha256 {info['sha256']}")

@@ -329,6 +329,31 @@ class Matrix(Strict):
         return _in_unit_interval(v)
 
 
+Uncertainty = Literal["ones", "zeros", "keep"]
+
+
+class Importing(Strict):
+    """`g2d data import`: turning a downloaded dataset into a g2d dataset folder."""
+
+    image_size: int = Field(512, ge=32, le=4096, description="longest side of the stored copies (never upscaled)")
+    workers: int = Field(0, ge=0, description="decoding processes, 0 = all cores (never changes the output)")
+    shard_size: int = Field(1000, ge=1, description="images per shard folder and per resume checkpoint")
+    max_failures: float = Field(0.01, ge=0, le=1, description="share of listed images that may fail to decode "
+                                "(each is listed in import_report.json) before the import fails")
+    seed: int = Field(42, ge=0, description="seed of the nested label fractions")
+    fractions: tuple[float, ...] = Field((0.01, 0.1, 1.0), min_length=1, description="nested label fractions")
+    uncertain: dict[str, Uncertainty] = Field(
+        {"atelectasis": "ones", "edema": "ones", "effusion": "ones", "cardiomegaly": "zeros",
+         "consolidation": "zeros"},
+        description="CheXpert / MIMIC-CXR uncertain (-1) labels: ones, zeros or keep (left out of losses); "
+        "labels not named are kept")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        return Splits._fractions_in_range(v)
+
+
 class Params(Strict):
     seed: int = Field(42, ge=0, description="global seed of the training stages")
     paths: Paths = Paths()
@@ -339,6 +364,7 @@ class Params(Strict):
     finetune: Finetune = Finetune()
     matrix: Matrix = Matrix()
     zeroshot: Zeroshot = Zeroshot()
+    importing: Importing = Importing()
 
     @model_validator(mode="after")
     def _matrix_inits_named(self) -> Params:

@@ -9,47 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from g2d.data.images import read_image, to_uint8
 from g2d.errors import DataError
-
-DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+from tests.layouts import write_dicom
 
 
 def _gradient(rows: int = 6, cols: int = 8, lo: int = 100, hi: int = 4000) -> np.ndarray:
     return np.linspace(lo, hi, rows * cols).round().astype(np.uint16).reshape(rows, cols)
-
-
-def _dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", preamble: bool = True,
-           **elements: object) -> Path:
-    """Write `pixels` (frames x rows x cols, or rows x cols) as a 12-bit-in-16 DX DICOM."""
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = DX_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = DX_SOP_CLASS
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    ds.PixelData = pixels.tobytes()
-    if preamble:
-        ds.save_as(path, enforce_file_format=True)
-    else:
-        ds.save_as(path, implicit_vr=False, little_endian=True)  # no preamble, no "DICM", no file meta
-    return path
 
 
 def _linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -59,7 +28,7 @@ def _linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
 
 def test_monochrome2_is_min_max_scaled_at_native_shape(tmp_path: Path) -> None:
     arr = _gradient()
-    image = read_image(_dicom(tmp_path / "m2.dcm", arr))
+    image = read_image(write_dicom(tmp_path / "m2.dcm", arr))
     assert image.dtype == np.float32 and image.shape == arr.shape
     np.testing.assert_allclose(image, (arr - arr.min()) / (arr.max() - arr.min()), atol=1e-6)
     assert image.min() == 0.0 and image.max() == 1.0
@@ -67,14 +36,14 @@ def test_monochrome2_is_min_max_scaled_at_native_shape(tmp_path: Path) -> None:
 
 def test_monochrome1_is_inverted_so_bone_is_white(tmp_path: Path) -> None:
     arr = _gradient()
-    m2 = read_image(_dicom(tmp_path / "m2.dcm", arr))
-    m1 = read_image(_dicom(tmp_path / "m1.dcm", arr, photometric="MONOCHROME1"))
+    m2 = read_image(write_dicom(tmp_path / "m2.dcm", arr))
+    m1 = read_image(write_dicom(tmp_path / "m1.dcm", arr, photometric="MONOCHROME1"))
     np.testing.assert_allclose(m1, 1.0 - m2, atol=1e-6)
 
 
 def test_window_clips_outside_and_is_linear_inside(tmp_path: Path) -> None:
     arr = _gradient(lo=0, hi=4095)
-    image = read_image(_dicom(tmp_path / "w.dcm", arr, WindowCenter=2048, WindowWidth=1025))
+    image = read_image(write_dicom(tmp_path / "w.dcm", arr, WindowCenter=2048, WindowWidth=1025))
     np.testing.assert_allclose(image, _linear_window(arr.astype(float), 2048, 1025), atol=1e-6)
     flat, values = image.ravel(), arr.ravel()
     assert (flat[values <= 1535] == 0).all() and (flat[values >= 2560] == 1).all()
@@ -83,13 +52,14 @@ def test_window_clips_outside_and_is_linear_inside(tmp_path: Path) -> None:
     assert inside.size > 1 and (np.diff(inside) > 0).all() and 0 < inside.min() and inside.max() < 1
     # hand-computed: c' = 2047.5, w' = 1024, so y = (x - 2047.5) / 1024 + 0.5
     few = np.array([[1536, 2048, 2559]], dtype=np.uint16)
-    got = read_image(_dicom(tmp_path / "few.dcm", few, WindowCenter=2048, WindowWidth=1025))
+    got = read_image(write_dicom(tmp_path / "few.dcm", few, WindowCenter=2048, WindowWidth=1025))
     np.testing.assert_allclose(got[0], [0.5 / 1024, 512.5 / 1024, 1023.5 / 1024], atol=1e-6)
 
 
 def test_rescale_is_applied_before_the_window(tmp_path: Path) -> None:
     arr = _gradient(lo=0, hi=1500)
-    path = _dicom(tmp_path / "r.dcm", arr, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=1000, WindowWidth=2001)
+    path = write_dicom(tmp_path / "r.dcm", arr, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=1000,
+                       WindowWidth=2001)
     image = read_image(path)
     np.testing.assert_allclose(image, _linear_window(2.0 * arr - 1000, 1000, 2001), atol=1e-6)
     assert image.ravel()[0] == 0.0  # stored 0 -> -1000, below the window; it would sit inside without rescale
@@ -102,25 +72,25 @@ def test_voi_lut_sequence_is_preferred_and_scaled_by_its_range(tmp_path: Path) -
     item.LUTDescriptor = [256, 0, 12]
     item.LUTData = lut.tobytes()
     arr = np.arange(0, 300, 10, dtype=np.uint16).reshape(5, 6)
-    path = _dicom(tmp_path / "lut.dcm", arr, VOILUTSequence=Sequence([item]), WindowCenter=100, WindowWidth=50)
+    path = write_dicom(tmp_path / "lut.dcm", arr, VOILUTSequence=Sequence([item]), WindowCenter=100, WindowWidth=50)
     np.testing.assert_allclose(read_image(path), lut[np.minimum(arr, 255)] / 4095, atol=1e-6)
 
 
 def test_signed_and_preambleless_dicoms_and_multiframe_refused(tmp_path: Path) -> None:
     signed = np.arange(-1000, 1000, 50, dtype=np.int16).reshape(5, 8)
-    np.testing.assert_allclose(read_image(_dicom(tmp_path / "s.dcm", signed)), (signed + 1000) / 1950, atol=1e-6)
+    np.testing.assert_allclose(read_image(write_dicom(tmp_path / "s.dcm", signed)), (signed + 1000) / 1950, atol=1e-6)
 
     frames = np.stack([_gradient(), _gradient()[::-1]])
     with pytest.raises(DataError, match=r"mf\.dcm holds 2 frames; a radiograph is one frame"):
-        read_image(_dicom(tmp_path / "mf.dcm", frames))  # which frame is meant is not g2d's guess to make
+        read_image(write_dicom(tmp_path / "mf.dcm", frames))  # which frame is meant is not g2d's guess to make
 
-    bare = _dicom(tmp_path / "bare.dcm", _gradient(), preamble=False)
+    bare = write_dicom(tmp_path / "bare.dcm", _gradient(), preamble=False)
     assert bare.read_bytes()[128:132] != b"DICM"
-    np.testing.assert_allclose(read_image(bare), read_image(_dicom(tmp_path / "full.dcm", _gradient())), atol=1e-6)
+    np.testing.assert_allclose(read_image(bare), read_image(write_dicom(tmp_path / "full.dcm", _gradient())), atol=1e-6)
 
 
 def test_constant_dicom_is_zeros(tmp_path: Path) -> None:
-    image = read_image(_dicom(tmp_path / "c.dcm", np.full((4, 4), 700, dtype=np.uint16)))
+    image = read_image(write_dicom(tmp_path / "c.dcm", np.full((4, 4), 700, dtype=np.uint16)))
     assert image.shape == (4, 4) and not image.any()
 
 
@@ -173,13 +143,13 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=re.escape(garbage.name) + ".*DICOM, PNG or JPG"):
         read_image(garbage)
 
-    no_pixels = _dicom(tmp_path / "nopixels.dcm", _gradient())
+    no_pixels = write_dicom(tmp_path / "nopixels.dcm", _gradient())
     ds = dcmread(no_pixels)
     del ds.PixelData
     ds.save_as(no_pixels, enforce_file_format=True)
     with pytest.raises(DataError, match=re.escape(no_pixels.name) + ".*no pixel data"):
         read_image(no_pixels)
 
-    bad_window = _dicom(tmp_path / "badwindow.dcm", _gradient(), WindowCenter=100, WindowWidth=0)
+    bad_window = write_dicom(tmp_path / "badwindow.dcm", _gradient(), WindowCenter=100, WindowWidth=0)
     with pytest.raises(DataError, match=re.escape(bad_window.name) + ".*window"):
         read_image(bad_window)

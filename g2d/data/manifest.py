@@ -36,6 +36,12 @@ def label_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c not in TEXT_COLUMNS]
 
 
+def column_order(columns) -> list[str]:
+    """Core columns in canonical order, then label columns sorted: every manifest's layout."""
+    columns = list(dict.fromkeys(columns))
+    return [c for c in CORE_COLUMNS if c in columns] + sorted(c for c in columns if c not in TEXT_COLUMNS)
+
+
 def write_manifest(rows: list[dict[str, Any]] | pd.DataFrame, folder: Path) -> Path:
     """Write `folder/manifest.csv` with columns in canonical order (byte-deterministic)."""
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
@@ -46,7 +52,7 @@ def write_manifest(rows: list[dict[str, Any]] | pd.DataFrame, folder: Path) -> P
     for col in ("boxes", "findings"):
         if col in df.columns:
             df[col] = [v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for v in df[col]]
-    ordered = [c for c in CORE_COLUMNS if c in df.columns] + sorted(label_columns(df))
+    ordered = column_order(df.columns)
     for col in label_columns(df):
         df[col] = pd.to_numeric(df[col].replace("", np.nan)).astype("Int8")
     path = folder / MANIFEST
@@ -153,6 +159,13 @@ def read_info(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def protocol_tags(record: dict[str, Any] | None) -> dict[str, str]:
+    """The split protocol a dataset was imported with, as run tags (name.vN and the file's SHA-256)."""
+    if not record:
+        return {"g2d.protocol": "none recorded (a rendered dataset: its params.yaml defines the split)"}
+    return {"g2d.protocol": f"{record['name']}.v{record['version']}", "g2d.protocol_sha256": record["sha256"]}
+
+
 def write_info(folder: Path, info: dict[str, Any]) -> Path:
     path = folder / DATASET_INFO
     path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -178,6 +191,7 @@ class ValidationReport:
     manifest: Path
     rows: int
     problems: list[Problem]
+    notes: list[str] = field(default_factory=list)  # facts worth knowing that are not problems
 
     @property
     def ok(self) -> bool:
@@ -202,6 +216,7 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None) -> Val
     folder = manifest.parent
     df = read_manifest(manifest, check_labels=False)
     found: dict[tuple[str, str], list[int]] = {}
+    notes: list[str] = []
 
     def add(check: str, message: str, i: int) -> None:
         found.setdefault((check, message), []).append(int(i) + 2)
@@ -223,6 +238,11 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None) -> Val
         if "patient_id" in df.columns:
             per_patient = df.groupby("patient_id")["split"].nunique()
             leaking = set(per_patient.index[per_patient > 1])
+            protocol = read_info(folder).get("protocol", {})
+            if leaking and protocol.get("unit") == "image":  # the paper's by-image splits, recorded as such
+                notes.append(f"{len(leaking)} patients have images in more than one split: protocol "
+                             f"{protocol.get('name')}.v{protocol.get('version')} splits by image, as the paper does")
+                leaking = set()
             for i in df.index[df["patient_id"].isin(leaking)]:
                 add("patient in two splits", f"patient {df.at[i, 'patient_id']!r} is in "
                     f"{sorted(set(df.loc[df.patient_id == df.at[i, 'patient_id'], 'split']))}", i)
@@ -253,7 +273,7 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None) -> Val
     _check_fractions(folder, df, found)
     problems = [Problem(check, msg, rows) for (check, msg), rows in found.items()]
     problems.sort(key=lambda p: (p.check, p.rows[:1]))
-    return ValidationReport(manifest, len(df), problems)
+    return ValidationReport(manifest, len(df), problems, notes)
 
 
 def _check_image(folder: Path, row: pd.Series, i: int, add) -> tuple[int, int] | None:

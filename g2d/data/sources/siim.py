@@ -11,10 +11,15 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
 
+from g2d.data import importing
 from g2d.errors import DataError
 
 SIIM_SIZE = 1024
@@ -68,3 +73,76 @@ def image_mask(rles: list[str], where: str = "rle") -> np.ndarray:
     for i, rle in enumerate(rles):
         mask |= decode_rle(rle, where=f"{where} row {i + 1}")
     return mask
+
+
+# ---------------------------------------------------------------- import of the official download
+# Layout (Kaggle "siim-acr-pneumothorax-segmentation", stage 1):
+#   train-rle.csv                                   ImageId, " EncodedPixels"
+#   dicom-images-train/<study>/<series>/<ImageId>.dcm
+# The DICOMs' PatientID is each image's patient (the patient-level protocol splits on it).
+
+RLE_FILE = "train-rle.csv"
+
+
+def _dicoms(src: Path) -> dict[str, Path]:
+    """ImageId (the file's stem) -> DICOM path, anywhere under src."""
+    found: dict[str, Path] = {}
+    for folder, _, files in os.walk(src):
+        for name in files:
+            if name.lower().endswith(".dcm"):
+                found.setdefault(name[:-4], Path(folder) / name)
+    return found
+
+
+def _patient_id(path: Path) -> str:
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", ""))
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return ""  # the worker decodes the file and reports why it fails
+
+
+def scan(src: Path, options: importing.Options) -> importing.Scan:
+    csv_path = src / RLE_FILE
+    table = importing.read_table(csv_path, ("ImageId", "EncodedPixels"))
+    dicoms = _dicoms(src)
+    rows: dict[str, list[int]] = {}
+    for i, image_id in enumerate(table["ImageId"].str.strip()):
+        rows.setdefault(image_id, []).append(i)
+    items, failures = [], []
+    for image_id, idx in rows.items():
+        where = f"{importing.row_where(csv_path, idx[0])}" + (f" (+{len(idx) - 1} more rows)" if len(idx) > 1 else "")
+        rles = [table.at[i, "EncodedPixels"].strip() or "-1" for i in idx]
+        for i, rle in zip(idx, rles, strict=True):
+            check_rle(rle, importing.row_where(csv_path, i))
+        path = dicoms.get(image_id)
+        if path is None:
+            failures.append(importing.missing_file(src / "dicom-images-train" / f"{image_id}.dcm", where,
+                                                   "DICOM of this ImageId"))
+            continue
+        items.append(importing.Item(
+            id=image_id, image=path, patient_id=_patient_id(path) or image_id, pool="train", where=where,
+            source_id=image_id, mask="rle", rle=rles,  # on the DICOM's own size (1024 x 1024 in SIIM)
+            labels={"pneumothorax": int(any(r != "-1" for r in rles))}))
+    unlabelled = len(set(dicoms) - set(rows))
+    dropped = Counter({f"DICOMs without a row in {RLE_FILE} (stage 1 test images)": unlabelled} if unlabelled else {})
+    return importing.Scan(items, dropped, failures)
+
+
+def check_rle(rle: str, where: str, height: int = SIIM_SIZE, width: int = SIIM_SIZE) -> None:
+    """Malformed RLE is an error naming the row, found before any image is decoded."""
+    if rle in ("", "-1"):
+        return
+    try:
+        nums = np.asarray([int(x) for x in rle.split()], dtype=np.int64)
+    except ValueError:
+        raise DataError(f"{where}: EncodedPixels is not a list of integers: {rle[:40]!r}") from None
+    if nums.size % 2:
+        raise DataError(f"{where}: EncodedPixels has an odd number of values ({nums.size}); it must be "
+                        "offset / length pairs")
+    if (nums < 0).any() or nums.sum() > height * width:
+        raise DataError(f"{where}: EncodedPixels runs leave the {height} x {width} image")
+
+
+IMPORTER = importing.Importer(
+    name="siim", default_protocol="siim-g2d", labels=("pneumothorax",), columns=("mask",), scan=scan,
+    layout=f"{RLE_FILE} and the DICOM tree dicom-images-train/<study>/<series>/<ImageId>.dcm")
