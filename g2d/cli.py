@@ -130,6 +130,7 @@ def data_import(
     from g2d.progress import rich_progress
 
     cfg = _params(params, set_, defaults_if_missing=True)
+    protocol = data_import.check(source, protocol)  # a bad name fails here, before the progress display starts
     with rich_progress() as reporter:
         outcome = data_import.run(cfg, source, src, out, protocol, images, reports, reporter)
     r = outcome.result

@@ -156,6 +156,15 @@ def importer(name: str) -> Importer:
     return importlib.import_module(f"g2d.data.sources.{SOURCES[name]}").IMPORTER
 
 
+def protocol_for(source: str, spec: str | None) -> protocols.Protocol:
+    """The protocol `spec` names (default: the source's own), refused when written for another source."""
+    chosen = protocols.load(spec or importer(source).default_protocol)
+    if chosen.source != source:
+        raise DataError(f"protocol {chosen.label} is for {chosen.source}, not {source}; protocols for "
+                        f"{source}: {', '.join(protocols.for_source(source))}")
+    return chosen
+
+
 def uncertain_value(value: int | None, label: str, policy: dict[str, str]) -> int | None:
     """-1 (uncertain) under the label's policy: U-ones -> 1, U-zeros -> 0, keep -> -1 (left out of losses)."""
     if value != -1:
@@ -168,10 +177,7 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
         progress: Callable[[str, int], Callable[[int], None]] | None = None) -> ImportResult:
     """Import `src` (the source's official layout) into the dataset folder `out`."""
     source = importer(name)
-    protocol = protocols.load(protocol_spec or source.default_protocol)
-    if protocol.source != source.name:
-        raise DataError(f"protocol {protocol.label} is for {protocol.source}, not {source.name}; protocols for "
-                        f"{source.name}: {', '.join(protocols.for_source(source.name))}")
+    protocol = protocol_for(name, protocol_spec)
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"--src {src} is not a folder; it must hold {source.layout}")

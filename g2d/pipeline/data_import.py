@@ -28,10 +28,14 @@ def options(params: Params, images: Path | None = None, reports: Path | None = N
                              uncertain=dict(p.uncertain), images=images, reports=reports)
 
 
+def check(source: str, protocol: str | None) -> str:
+    """The protocol's label (NAME.vN) for this source, or the error a bad name or source gives."""
+    return importing.protocol_for(source, protocol).label
+
+
 def run(params: Params, source: str, src: Path, out: Path, protocol: str | None = None,
         images: Path | None = None, reports: Path | None = None, reporter: Reporter = silent) -> ImportOutcome:
-    spec = importing.importer(source)
-    chosen = protocols.load(protocol or spec.default_protocol)  # fail on a bad name before opening a run
+    chosen = protocols.load(check(source, protocol))  # fail on a bad name before opening a run
     config = {"source": source, "src": str(Path(src).resolve()), "out": str(Path(out).resolve()),
               "protocol": chosen.label, "importing": params.importing.model_dump(mode="json")}
     with tracking.start_run("data", config=config, uri=params.tracking.uri,

@@ -1,0 +1,155 @@
+"""The shared import engine and split protocols: resume, determinism across worker counts, refusals, the
+protocol files' checksums, and the `g2d data import` command with its MLflow run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from g2d.cli import app
+from g2d.data import importing, protocols
+from g2d.data import manifest as mf
+from g2d.errors import ConfigError, DataError
+from tests.layouts import siim as layout
+
+OPTIONS = importing.Options(image_size=32, workers=1, shard_size=4)
+
+
+class Killed(Exception):
+    """Stands for the process dying mid-import (kill, Ctrl-C, power)."""
+
+
+def _killed(*args, **kwargs):
+    raise Killed
+
+
+def test_interrupted_import_resumes_and_matches_an_uninterrupted_one(tmp_path: Path, monkeypatch) -> None:
+    layout.build(tmp_path / "raw", n=12, size=64)
+    clean = importing.run("siim", tmp_path / "raw", tmp_path / "clean", "siim-patient", OPTIONS)
+
+    real, calls = importing.convert, []
+
+    def dies_at_the_sixth(item, *args, **kwargs):
+        calls.append(item.id)
+        if len(calls) == 6:
+            raise Killed
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(importing, "convert", dies_at_the_sixth)
+    with pytest.raises(Killed):
+        importing.run("siim", tmp_path / "raw", tmp_path / "out", "siim-patient", OPTIONS)
+    assert sorted(p.name for p in (tmp_path / "out" / importing.STATE).glob("shard-*")) == ["shard-00000.jsonl"]
+    calls.clear()
+    monkeypatch.setattr(importing, "convert", lambda item, *a, **k: calls.append(item.id) or real(item, *a, **k))
+    resumed = importing.run("siim", tmp_path / "raw", tmp_path / "out", "siim-patient", OPTIONS)
+    assert len(calls) == 8 and resumed.resumed_shards == 1  # the first shard of 4 was not redone
+    assert (tmp_path / "out" / mf.MANIFEST).read_bytes() == (tmp_path / "clean" / mf.MANIFEST).read_bytes()
+    assert resumed.sha256 == clean.sha256
+    assert not (tmp_path / "out" / importing.STATE).exists()
+
+
+def test_worker_processes_give_the_same_dataset(tmp_path: Path) -> None:
+    layout.build(tmp_path / "raw", n=40, size=64)
+    one = importing.run("siim", tmp_path / "raw", tmp_path / "one", "siim-patient", OPTIONS)
+    two = importing.run("siim", tmp_path / "raw", tmp_path / "two", "siim-patient",
+                        importing.Options(image_size=32, workers=2, shard_size=4))
+    assert one.sha256 == two.sha256
+
+
+def test_refuses_to_mix_imports(tmp_path: Path, monkeypatch) -> None:
+    layout.build(tmp_path / "raw", n=8, size=64)
+    importing.run("siim", tmp_path / "raw", tmp_path / "done", "siim-patient", OPTIONS)
+    with pytest.raises(DataError, match=r"done already holds a dataset"):
+        importing.run("siim", tmp_path / "raw", tmp_path / "done", "siim-patient", OPTIONS)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"busy is not empty"):
+        importing.run("siim", tmp_path / "raw", tmp_path / "busy", "siim-patient", OPTIONS)
+
+    monkeypatch.setattr(importing, "convert", _killed)
+    with pytest.raises(Killed):
+        importing.run("siim", tmp_path / "raw", tmp_path / "half", "siim-patient", OPTIONS)
+    with pytest.raises(DataError, match=r"half holds an unfinished import with other settings \(image_size"):
+        importing.run("siim", tmp_path / "raw", tmp_path / "half", "siim-patient",
+                      importing.Options(image_size=48, workers=1, shard_size=4))
+
+
+def test_source_and_protocol_must_agree(tmp_path: Path) -> None:
+    layout.build(tmp_path / "raw", n=3, size=64)
+    with pytest.raises(DataError, match=r"protocol rsna-patient.v1 is for rsna, not siim; protocols for siim: "
+                                        r"siim-g2d, siim-patient"):
+        importing.run("siim", tmp_path / "raw", tmp_path / "x", "rsna-patient", OPTIONS)
+    with pytest.raises(DataError, match=r"unknown source 'sim': did you mean 'siim'"):
+        importing.run("sim", tmp_path / "raw", tmp_path / "x", None, OPTIONS)
+    with pytest.raises(DataError, match=r"--src .*nowhere is not a folder; it must hold train-rle.csv"):
+        importing.run("siim", tmp_path / "nowhere", tmp_path / "x", None, OPTIONS)
+
+
+def test_every_protocol_file_loads_and_matches_its_checksum() -> None:
+    names = protocols.available()
+    assert {protocols.load(n).source for n in names} == set(importing.SOURCES)
+    for name in names:
+        p = protocols.load(name)
+        assert p.sha256 == protocols._checksums()[f"{p.label}.yaml"]
+        if p.paper and p.subset is None:
+            assert set(p.paper) == set(p.splits)
+
+
+def test_an_edited_protocol_file_is_refused(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "protocols"
+    shutil.copytree(protocols.FOLDER, folder, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    edited = folder / "siim-g2d.v1.yaml"
+    edited.write_text(edited.read_text().replace("n: 1807", "n: 1800", 1))
+    monkeypatch.setattr(protocols, "FOLDER", folder)
+    monkeypatch.setattr(protocols, "CHECKSUMS", folder / "SHA256SUMS")
+    with pytest.raises(ConfigError, match=r"siim-g2d.v1.yaml: SHA-256 .* a protocol never changes in place: write "
+                                          r"siim-g2d.v2.yaml"):
+        protocols.load("siim-g2d")
+    with pytest.raises(ConfigError, match=r"unknown protocol 'siim-g3d': did you mean 'siim-g2d'"):
+        protocols.load("siim-g3d")
+    with pytest.raises(ConfigError, match=r"protocol siim-g2d has no version 7; versions are \[1\]"):
+        protocols.load("siim-g2d.v7")
+
+
+def test_patient_level_assignment_keeps_patients_whole_and_refuses_a_patient_in_two_partitions() -> None:
+    p = protocols.load("chexpert-patient")
+    ids = [f"i{k}" for k in range(400)]
+    patients = [f"p{k // 4}" for k in range(400)]
+    pools = ["train"] * 380 + ["valid"] * 20
+    placed = protocols.assign(p, ids, patients, pools, "test")
+    by_patient: dict[str, set[str]] = {}
+    for i, pat in zip(ids, patients, strict=True):
+        by_patient.setdefault(pat, set()).add(placed[i])
+    assert all(len(s) == 1 for s in by_patient.values())
+    assert [placed[i] for i in ids[380:]] == ["test"] * 20
+    pools[379] = "valid"  # patient p94 now spans train.csv and valid.csv
+    with pytest.raises(DataError, match=r"patient 'p94' is in two official partitions \('train' and 'valid'\)"):
+        protocols.assign(p, ids, patients, pools, "test")
+
+
+def test_cli_import_records_the_protocol_in_mlflow_and_info_prints_it(project_dir: Path, mlflow_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    layout.build(project_dir / "raw", n=6, size=64)
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "import", "siim", "--src", "raw", "--out", "data/siim", "--protocol",
+                                 "siim-patient", "--set", "importing.image_size=32", "--set", "importing.workers=1"])
+    assert result.exit_code == 0, result.output
+    assert "protocol siim-patient.v1" in result.output and "failed 0" in result.output
+    run = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("g2d-data").experiment_id])[0]
+    sha = protocols.load("siim-patient").sha256
+    assert run.data.tags["g2d.protocol"] == "siim-patient.v1" and run.data.tags["g2d.protocol_sha256"] == sha
+    assert run.data.tags["g2d.data_hash"] == json.loads((project_dir / "data/siim/dataset.json").read_text())["sha256"]
+    assert run.data.metrics["rows"] == 6 and run.info.status == "FINISHED"
+    info = runner.invoke(app, ["data", "info", "data/siim"])
+    assert f"protocol siim-patient.v1 (by patient)  sha256:{sha[:12]}" in info.output
+    valid = runner.invoke(app, ["data", "validate", "data/siim"])
+    assert valid.exit_code == 0 and "no problems" in valid.output
+
+    bad = runner.invoke(app, ["data", "import", "siim", "--src", "raw", "--out", "data/other", "--protocol", "nope"])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "unknown protocol 'nope'" in bad.output
