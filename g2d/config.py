@@ -136,6 +136,8 @@ class Model(Strict):
 class Pretrain(Strict):
     """G2D pre-training (paper §4: AdamW, warm-up + cosine schedule)."""
 
+    dataset: str | None = Field(None, description="image-report dataset folder (an import, e.g. data/mimic-cxr); "
+                                "null = SynthCXR's pre-training set")
     image_size: int = Field(128, ge=32, le=1024, description="training resolution (paper: 224)")
     batch_size: int = Field(32, ge=2)
     epochs: int = Field(4, ge=1)

@@ -189,6 +189,25 @@ def test_multiclass_task_on_an_imported_manifest(project, tmp_path):
         finetune.run(params(project), task="covidx-cls", frac=1.0, init="g2d")
 
 
+def test_segmentation_on_an_imported_siim_records_its_protocol(project, tmp_path):
+    """The path a user takes: `g2d data import` a dataset, point the task at it, train; the run carries the
+    protocol's name and hash."""
+    from mlflow import MlflowClient
+
+    from g2d.data import importing
+    from tests.layouts import siim as layout
+
+    layout.build(tmp_path / "raw", n=20, size=64)
+    imported = importing.run("siim", tmp_path / "raw", tmp_path / "siim", "siim-patient",
+                             importing.Options(image_size=64, workers=1))
+    p = params(project, f"finetune.datasets={{\"siim-seg\": \"{tmp_path / 'siim'}\"}}")
+    out = finetune.run(p, task="siim-seg", frac=1.0, init="g2d")
+    assert out.metrics["metric"] == "dice" and 0 <= out.metrics["score"] <= 1
+    tags = MlflowClient().get_run(out.run_id).data.tags
+    assert tags["g2d.protocol"] == "siim-patient.v1" and tags["g2d.protocol_sha256"] == imported.protocol.sha256
+    assert tags["g2d.data_hash"] == imported.sha256
+
+
 # ---------------------------------------------------------------- bad inputs: one line, exit 1, nothing left
 
 

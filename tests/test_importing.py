@@ -153,3 +153,16 @@ def test_cli_import_records_the_protocol_in_mlflow_and_info_prints_it(project_di
 
     bad = runner.invoke(app, ["data", "import", "siim", "--src", "raw", "--out", "data/other", "--protocol", "nope"])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "unknown protocol 'nope'" in bad.output
+
+
+def test_zero_area_boxes_are_counted_not_fatal(tmp_path: Path) -> None:
+    from tests.layouts import radiograph, write_picture
+
+    write_picture(tmp_path / "a.png", radiograph(40, 40))
+    item = importing.Item(id="a", image=tmp_path / "a.png", patient_id="a", pool="train", where="t.csv row 2",
+                          boxes=[(2, 2, 2, 30, "wire"), (4, 4, 20, 20, "wire")], mask="boxes")
+    row = importing.convert(item, 0, tmp_path / "out", 20)
+    assert row["boxes"] == [[2.0, 2.0, 10.0, 10.0, "wire"]] and row["dropped_boxes"] == 1
+    item.boxes = [(30, 2, 4, 20, "wire")]
+    with pytest.raises(importing._ItemError, match=r"t.csv row 2: box \[30.0, 2.0, 4.0, 20.0\] is empty or inverted"):
+        importing.convert(item, 0, tmp_path / "out", 20)

@@ -369,7 +369,8 @@ def convert(item: Item, shard: int, out: Path, size: int, read_report=None, labe
     rel = f"images/{shard:05d}/{item.id}.png"
     _save(Image.fromarray(to_uint8(pixels)).resize(new, Image.Resampling.BILINEAR), out / rel)
 
-    boxes = [_box(b[:4], width, height, item.where) + [b[4]] for b in item.boxes]
+    flat = [b for b in item.boxes if b[0] == b[2] or b[1] == b[3]]  # a point or a line: nothing to detect
+    boxes = [_box(b[:4], width, height, item.where) + [b[4]] for b in item.boxes if b not in flat]
     row = {"id": item.id, "image": rel, "patient_id": item.patient_id, "study_id": item.study_id,
            "split": item.pool, "source_id": item.source_id or item.id, "report": report,
            "boxes": [[_r(b[0] * sx), _r(b[1] * sy), _r(b[2] * sx), _r(b[3] * sy), b[4]] for b in boxes]}
@@ -383,6 +384,8 @@ def convert(item: Item, shard: int, out: Path, size: int, read_report=None, labe
         _save(Image.fromarray(mask.astype(np.uint8) * 255), out / row["mask"])
         row["positive"] = bool(mask.any())
     row["labels"] = {c: uncertain_value(item.labels.get(c), c, uncertain or {}) for c in labels}
+    if flat:
+        row["dropped_boxes"] = len(flat)
     return row
 
 
@@ -425,10 +428,11 @@ def _mask(item: Item, size: tuple[int, int], new: tuple[int, int], boxes: list[l
     elif item.mask == "shapes":
         for kind, xy in item.shapes:
             pts = [(x * sx, y * sy) for x, y in zip(xy[0::2], xy[1::2], strict=True)]
+            corners = [pts[0], (pts[1][0] - 1, pts[1][1] - 1)] if len(pts) == 2 else pts  # as boxes: x1, y1 exclusive
             if kind == "rectangle":
-                draw.rectangle([pts[0], pts[1]], fill=1)
+                draw.rectangle(corners, fill=1)
             elif kind == "ellipse":
-                draw.ellipse([pts[0], pts[1]], fill=1)
+                draw.ellipse(corners, fill=1)
             else:
                 draw.polygon(pts, fill=1)
     return np.asarray(canvas, dtype=bool)
@@ -462,6 +466,9 @@ def _write_manifest(out: Path, source: Importer, state: Path, n_shards: int):
             if "dropped" in row:
                 worker_drops[row["dropped"]] += 1
                 continue
+            if row.get("dropped_boxes"):
+                worker_drops["boxes with zero width or height (left out of boxes and masks)"] += \
+                    row.pop("dropped_boxes")
             labels = row.pop("labels")
             positive = row.pop("positive", None)
             if positive is None:

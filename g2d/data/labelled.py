@@ -117,7 +117,9 @@ def _ranking(folder: Path, recorded: dict, train: list[str]) -> list[str]:
     return ranking
 
 
-def _open(folder: Path, rel: str, where: str, size: int, resample: Image.Resampling) -> tuple[np.ndarray, int, int]:
+def open_resized(folder: Path, rel: str, where: str, size: int,
+                 resample: Image.Resampling) -> tuple[np.ndarray, int, int]:
+    """A manifest's image or mask as 8-bit size x size, with its size on disk (to scale boxes)."""
     path = mf.resolve(folder, rel, where)
     try:
         with Image.open(path) as im:
@@ -146,9 +148,10 @@ def load_split(folder: Path, df: pd.DataFrame, split: str, spec: TaskSpec, size:
     masks = np.zeros((len(rows), size, size), dtype=bool) if spec.kind == "segmentation" else None
     boxes, box_labels, dropped = [], [], Counter()
     for i, row in rows.iterrows():
-        images[i], w, h = _open(folder, row["image"], f"{where} row {row['id']}", size, Image.Resampling.BILINEAR)
+        at = f"{where} row {row['id']}"
+        images[i], w, h = open_resized(folder, row["image"], at, size, Image.Resampling.BILINEAR)
         if masks is not None and row["mask"]:
-            masks[i] = _open(folder, row["mask"], f"{where} row {row['id']}", size, Image.Resampling.NEAREST)[0] > 127
+            masks[i] = open_resized(folder, row["mask"], at, size, Image.Resampling.NEAREST)[0] > 127
         if spec.kind == "detection":
             b, lab = _boxes(row, spec, size / w, size / h, where, dropped)
             boxes.append(b)

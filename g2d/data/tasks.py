@@ -64,10 +64,17 @@ def get(name: str) -> TaskSpec:
 
 def dataset_folder(spec: TaskSpec, params: Params, root: Path) -> Path:
     """The dataset a task reads: `finetune.datasets.<task>` if set, else its SynthCXR set."""
-    configured = params.finetune.datasets.get(spec.name)
+    return configured_folder(params.finetune.datasets.get(spec.name), spec.synthcxr, f"finetune.datasets.{spec.name}",
+                             f"task {spec.name!r} ({spec.paper})", params, root)
+
+
+def configured_folder(configured: str | None, synthcxr: str | None, key: str, what: str, params: Params,
+                      root: Path) -> Path:
+    """A dataset folder from its params key, else the named SynthCXR set; an error saying which key to set
+    when there is no SynthCXR equivalent (shared by the fine-tuning, zero-shot and grounding tasks)."""
     if configured:
         return resolve_path(root, configured)
-    if spec.synthcxr is None:
-        raise ConfigError(f"task {spec.name!r} ({spec.paper}) has no SynthCXR equivalent; import the dataset and "
-                          f"set finetune.datasets.{spec.name} to its folder (--set finetune.datasets.{spec.name}=DIR)")
-    return resolve_path(root, params.paths.synthcxr) / spec.synthcxr
+    if synthcxr is None:
+        raise ConfigError(f"{what} has no SynthCXR equivalent; import the dataset (g2d data import) and set {key} "
+                          f"to its folder (--set {key}=DIR)")
+    return resolve_path(root, params.paths.synthcxr) / synthcxr

@@ -107,7 +107,8 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
                 "dataset": str(folder), "train_images": len(chosen.ids)}
     tags = {"g2d.task": spec.name, "g2d.frac": frac_label(frac), "g2d.init": start.name,
             "g2d.init_source": start.source, "g2d.init_sha256": start.sha256, "g2d.seed": str(seed),
-            "g2d.fraction_sha256": chosen.sha256, "g2d.fraction_source": chosen.source}
+            "g2d.fraction_sha256": chosen.sha256, "g2d.fraction_source": chosen.source,
+            **mf.protocol_tags(info.get("protocol"))}
     out_path = metrics_path(params, spec.name, frac, start.name, seed)
     with tracking.start_run("finetune", config={**to_dict(params), "run": run_info}, data_hash=data_hash,
                             tags=tags, uri=params.tracking.uri) as tr:
@@ -227,8 +228,9 @@ def evaluate(params: Params, task: str | None, model: str, reporter: Reporter = 
     dev = runtime.device()
     test = labelled.load_split(folder, df, "test", spec, int(config["image_size"]), progress=advance).to(dev)
     net = net.to(dev)
-    data_hash = mf.read_info(folder).get("sha256") or mf.dataset_hash(folder)
-    tags = {"g2d.task": spec.name, "g2d.model": source}
+    info = mf.read_info(folder)
+    data_hash = info.get("sha256") or mf.dataset_hash(folder)
+    tags = {"g2d.task": spec.name, "g2d.model": source, **mf.protocol_tags(info.get("protocol"))}
     with tracking.start_run("evaluate", config={"task": spec.name, "model": source, "model_config": config},
                             data_hash=data_hash, tags=tags, uri=params.tracking.uri) as tr:
         scores = FAMILIES[spec.kind].evaluate(net, test, spec, config)

@@ -76,7 +76,7 @@ def _box_mask(box, scale_x: float, scale_y: float, size: int, where: str) -> np.
 
 
 def _mask(folder: Path, rel: str, where: str, size: int) -> np.ndarray:
-    return labelled._open(folder, rel, where, size, Image.Resampling.NEAREST)[0] > 127
+    return labelled.open_resized(folder, rel, where, size, Image.Resampling.NEAREST)[0] > 127
 
 
 def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeroshot, label_cols: list[str],
@@ -92,7 +92,7 @@ def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeros
         if row_mask is not None and row_mask.any() and positive:
             return [(similarity.phrase(positive[0], cfg), positive[0], row_mask)], None
         return [], None
-    image, width, height = labelled._open(folder, row["image"], where, size, Image.Resampling.BILINEAR)
+    image, width, height = labelled.open_resized(folder, row["image"], where, size, Image.Resampling.BILINEAR)
     scale = (size / width, size / height, size, where)
     out = []
     for f in findings:
@@ -148,7 +148,7 @@ def load_targets(folder: Path, df: pd.DataFrame, split: str, size: int, cfg: Zer
             out.dropped["images without a finding to ground"] += 1
         if kept:
             if image is None:
-                image = labelled._open(folder, row["image"], where, size, Image.Resampling.BILINEAR)[0]
+                image = labelled.open_resized(folder, row["image"], where, size, Image.Resampling.BILINEAR)[0]
             images.append(image)
             ids.append(row["id"])
             for text, kind, truth in kept:
@@ -248,7 +248,8 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
                  "pointing_body": float(per_target["pointing_body"][ix].mean()),
                  "cnr": float(np.nanmean(per_target["cnr"][ix].numpy()))} for k, ix in sorted(by_kind.items())}
 
-    data_hash = mf.read_info(folder).get("sha256") or mf.dataset_hash(folder)
+    info = mf.read_info(folder)
+    data_hash = info.get("sha256") or mf.dataset_hash(folder)
     metrics = {"task": source.name, "paper": source.paper, "model": pre.name, "model_source": pre.source,
                "model_sha256": pre.sha256, "model_dense": pre.config.get("dense"), "split": cfg.split,
                "test": result, "threshold": threshold, "threshold_chosen_on": chosen_on,
@@ -259,7 +260,8 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
     picks = _examples(len(test), gcfg.examples)
     title = (f"{source.name}, {pre.name}: pointing {result['pointing']:.2f} (chance {result['pointing_chance']:.2f}), "
              f"Dice {result['dice']:.2f} at {threshold:g}, CNR {result['cnr']:.2f}")
-    tags = {"g2d.task": source.name, "g2d.model": pre.source, "g2d.model_sha256": pre.sha256}
+    tags = {"g2d.task": source.name, "g2d.model": pre.source, "g2d.model_sha256": pre.sha256,
+            **mf.protocol_tags(info.get("protocol"))}
     with tracking.start_run("ground", config={"zeroshot": cfg.model_dump(mode="json"), "task": source.name,
                                               "model": pre.source, "model_config": pre.config},
                             data_hash=data_hash, tags=tags, uri=params.tracking.uri) as tr:

@@ -43,7 +43,8 @@ class PretrainOutcome:
 
 def paths(params: Params) -> tuple[Path, Path, Path, Path]:
     root = tracking.project_root()
-    data = resolve_path(root, params.paths.synthcxr) / "pretrain"
+    data = (resolve_path(root, params.pretrain.dataset) if params.pretrain.dataset
+            else resolve_path(root, params.paths.synthcxr) / "pretrain")
     name = params.pretrain.name
     out = resolve_path(root, params.paths.models) / name
     ckpt_dir = resolve_path(root, params.paths.models) / f"{name}-checkpoints"
@@ -82,7 +83,8 @@ G2D pre-trained chest X-ray encoder (Liu et al., NeurIPS 2024): a {m.encoder} U-
 decoder, a `{m.text_model}` text tower, projections to d = {m.embed_dim} and a {m.heads}-head attention pooling.
 
 ## Training
-- data: `{params.paths.synthcxr}/pretrain`, sha256 `{data_hash}`; train ids sha256 `{split_hash}`
+- data: `{params.pretrain.dataset or params.paths.synthcxr + '/pretrain'}`, sha256 `{data_hash}`;
+  train ids sha256 `{split_hash}`
 - dense pretext: `{p.dense}`; pseudo mask: threshold {p.pseudo_mask.threshold}, heads aggregated
   {p.pseudo_mask.aggregate_heads}, body mask {p.pseudo_mask.body_mask}, smoothing {p.pseudo_mask.smooth}
 - {metrics['steps']} steps, batch {p.batch_size}, {p.image_size} px, AdamW lr {p.lr}, seed {params.seed}
@@ -158,7 +160,8 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
             "step": step, "epoch": step // steps_per_epoch, "rng": runtime.rng_state(),
             "history": json.dumps(history), "identity": json.dumps(identity)})
 
-    tags = {"g2d.split_hash": split_hash, "g2d.seed": str(params.seed), "g2d.resumed_from_step": str(step)}
+    tags = {"g2d.split_hash": split_hash, "g2d.seed": str(params.seed), "g2d.resumed_from_step": str(step),
+            **mf.protocol_tags(info.get("protocol"))}
     with tracking.start_run("pretrain", config=to_dict(params), data_hash=info.get("sha256"), tags=tags,
                             uri=params.tracking.uri, system_metrics=True) as tr:
         tr.log_dataset("synthcxr-pretrain", source=str(data_dir / mf.MANIFEST), digest=info.get("sha256", ""),

@@ -114,7 +114,8 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
         result = binary_scores(scores, data.labels, classes)
         headline = "auc"
 
-    data_hash = mf.read_info(folder).get("sha256") or mf.dataset_hash(folder)
+    info = mf.read_info(folder)
+    data_hash = info.get("sha256") or mf.dataset_hash(folder)
     metrics = {"task": source.name, "paper": source.paper, "model": pre.name, "model_source": pre.source,
                "model_sha256": pre.sha256, "model_dense": pre.config.get("dense"), "split": cfg.split,
                "images": len(data), "classes": list(classes), "excluded_columns": excluded, "metric": headline,
@@ -123,7 +124,8 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
                                            for p in prompts},
                "ensemble": cfg.ensemble, "dropped": data.dropped, "data_hash": data_hash}
     out_path = metrics_path(params, source.name, pre.label)
-    tags = {"g2d.task": source.name, "g2d.model": pre.source, "g2d.model_sha256": pre.sha256}
+    tags = {"g2d.task": source.name, "g2d.model": pre.source, "g2d.model_sha256": pre.sha256,
+            **mf.protocol_tags(info.get("protocol"))}
     with tracking.start_run("zeroshot", config={"zeroshot": cfg.model_dump(mode="json"), "task": source.name,
                                                 "model": pre.source, "model_config": pre.config},
                             data_hash=data_hash, tags=tags, uri=params.tracking.uri) as tr:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from g2d.config import Params, resolve_path
+from g2d.config import Params
 from g2d.data import manifest as mf
+from g2d.data import tasks
 from g2d.errors import ConfigError, DataError
 
 NOT_FINDINGS = ("normal", "no_finding")  # label columns that are no finding: "no normal" is not a prompt
@@ -49,14 +50,9 @@ def get(name: str, table: dict[str, Source], command: str) -> Source:
 
 
 def dataset_folder(source: Source, params: Params, root: Path) -> Path:
-    configured = params.zeroshot.datasets.get(source.name)
-    if configured:
-        return resolve_path(root, configured)
-    if source.synthcxr is None:
-        raise ConfigError(f"task {source.name!r} ({source.paper}) has no SynthCXR equivalent; import the dataset "
-                          f"and set zeroshot.datasets.{source.name} to its folder "
-                          f"(--set zeroshot.datasets.{source.name}=DIR)")
-    return resolve_path(root, params.paths.synthcxr) / source.synthcxr
+    return tasks.configured_folder(params.zeroshot.datasets.get(source.name), source.synthcxr,
+                                   f"zeroshot.datasets.{source.name}", f"task {source.name!r} ({source.paper})",
+                                   params, root)
 
 
 def classes(df: pd.DataFrame, folder: Path) -> tuple[tuple[str, ...], list[str]]:
