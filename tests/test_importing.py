@@ -166,3 +166,13 @@ def test_zero_area_boxes_are_counted_not_fatal(tmp_path: Path) -> None:
     item.boxes = [(30, 2, 4, 20, "wire")]
     with pytest.raises(importing._ItemError, match=r"t.csv row 2: box \[30.0, 2.0, 4.0, 20.0\] is empty or inverted"):
         importing.convert(item, 0, tmp_path / "out", 20)
+
+
+def test_one_positive_subset_also_needs_the_other_findings_negative() -> None:
+    subset = protocols.Subset(one_of=("a", "b"), per_class=1, others=("c",))
+    ids = ["x1", "x2", "x3", "x4"]
+    labels = {"a": [1, 1, 0, 1], "b": [0, None, 1, 1], "c": [0, 1, None, 0]}
+    # x1: only a, c negative; x2: only a but c positive; x3: only b, c blank; x4: a and b
+    assert protocols.select_subset(subset, ids, labels, 0, "t") == ["x1", "x3"]
+    with pytest.raises(DataError, match=r"t: the subset takes 2 images with only a positive, but the source has 1"):
+        protocols.select_subset(subset.model_copy(update={"per_class": 2}), ids, labels, 0, "t")

@@ -242,9 +242,10 @@ def _place(scan: Scan, protocol: protocols.Protocol, where: str) -> tuple[list[I
                             "remove the duplicate row")
         seen[item.id] = item.where
     if protocol.subset is not None:
-        keep = set(protocols.select_subset(
-            protocol.subset, [i.id for i in items],
-            {c: [i.labels.get(c) for i in items] for c in protocol.subset.one_of}, protocol.seed, where))
+        columns = (*protocol.subset.one_of, *protocol.subset.others)
+        keep = set(protocols.select_subset(protocol.subset, [i.id for i in items],
+                                           {c: [i.labels.get(c) for i in items] for c in columns}, protocol.seed,
+                                           f"{where}, protocol {protocol.label}"))
         dropped[f"not in protocol {protocol.label}'s subset"] += len(items) - len(keep)
         items = [i for i in items if i.id in keep]
     placed = protocols.assign(protocol, [i.id for i in items], [i.patient_id for i in items],

@@ -52,6 +52,8 @@ class Subset(_Strict):
 
     one_of: tuple[str, ...] = Field(min_length=2)
     per_class: int = Field(ge=1)
+    others: tuple[str, ...] = Field((), description="columns that must also be negative or blank (GLoRIA: the "
+                                                    "other findings)")
 
 
 class Protocol(_Strict):
@@ -196,12 +198,18 @@ def assign(protocol: Protocol, ids: Sequence[str], patients: Sequence[str], pool
 def select_subset(subset: Subset, ids: Sequence[str], labels: Mapping[str, Sequence[float | None]],
                   seed: int, where: str) -> list[str]:
     """Ids of the one-positive subset, `per_class` per class."""
-    missing = [c for c in subset.one_of if c not in labels]
+    missing = [c for c in (*subset.one_of, *subset.others) if c not in labels]
     if missing:
         raise DataError(f"{where}: the subset needs label column(s) {missing}")
-    values = np.array([[np.nan if v is None else float(v) for v in labels[c]] for c in subset.one_of]).T
+
+    def matrix(columns: tuple[str, ...]) -> np.ndarray:
+        return np.array([[np.nan if v is None else float(v) for v in labels[c]] for c in columns]).T.reshape(
+            len(ids), len(columns))
+
+    values, others = matrix(subset.one_of), matrix(subset.others)
     positive = values == 1
-    rest_negative = np.all(positive | (values == 0) | np.isnan(values), axis=1)
+    rest_negative = np.all(positive | (values == 0) | np.isnan(values), axis=1) & \
+        np.all((others == 0) | np.isnan(others), axis=1)
     exactly_one = (positive.sum(axis=1) == 1) & rest_negative
     rng = np.random.default_rng(seed)
     chosen: list[str] = []

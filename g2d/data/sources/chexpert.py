@@ -14,6 +14,8 @@ Quirks handled here:
 - Label cells are 1.0 / 0.0 / -1.0 (uncertain) / blank (not mentioned); they stay raw here and the engine
   applies the uncertainty policy (`options.uncertain`). valid.csv (radiologist consensus) holds only 1.0 / 0.0.
 - Lateral views are rows of their own; they are dropped (counted), only frontal images are imported.
+  `Frontal/Lateral` decides, not `AP/PA`: 17 train.csv rows say Frontal with AP/PA "LL" / "RL"; they are
+  kept, as in the 191,027 frontal images the papers' 186,027 + 5,000 split adds up to.
 - Train patients are patient00001 - patient64540 and valid patients patient64541 - patient64740, so
   `patientNNNNN_studyN_viewN_frontal` is unique across both files without a pool prefix (the engine refuses
   a duplicate id should a re-packaged copy mix them).
