@@ -20,11 +20,10 @@ Quirks handled here:
   `patientNNNNN_studyN_viewN_frontal` is unique across both files without a pool prefix (the engine refuses
   a duplicate id should a re-packaged copy mix them).
 
-The 5x200 protocol selects on the raw labels: GLoRIA / MGCA (preprocess_chexpert_5x200_data) fill blanks
-with 0 and take images whose five competition labels are one-hot, exactly as `protocols.select_subset`
-does, so an uncertain (-1) value in any of the five excludes an image in both. GLoRIA also asks the other
-eight observations (not No Finding) to be 0 / blank; the protocol does not, so its draw differs from
-GLoRIA's images (neither published the ids), not in what a class means.
+The 5x200 protocol selects on the raw labels as GLoRIA / MGCA (preprocess_chexpert_5x200_data) do: the
+five competition labels one-hot and the eight other observations (not No Finding) 0 or blank; an uncertain
+(-1) value excludes an image. Neither paper published its ids, so the draw (seeded) differs from theirs,
+not what a class means.
 """
 
 from __future__ import annotations
