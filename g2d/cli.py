@@ -142,7 +142,7 @@ def data_import(
         typer.echo(f"  dropped {n}: {reason}")
     typer.echo(f"  failed {len(r.failures)} (listed in {r.report})")
     typer.echo(f"data hash {r.sha256[:16]}  in {outcome.seconds:.1f} s  (MLflow run {outcome.run_id}); "
-               f"next: dvc add {r.folder}, then point a task at it (README, 'Real datasets')")
+               "next: `dvc add data` (data.dvc versions data/), then point a task at it (README, 'Real datasets')")
 
 
 @data_app.command("protocols")
