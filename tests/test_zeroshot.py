@@ -412,3 +412,12 @@ def test_ground_reversed_box_names_the_row(project):
     result = CliRunner().invoke(app, ["ground", "--task", "rsna", "--set", "zeroshot.datasets.rsna=datasets/rsna-bad"])
     assert result.exit_code == 1
     assert f"row {df.loc[row, 'id']}: box [40, 40, 20, 50, 'opacity'] needs x1 > x0 and y1 > y0" in result.output
+
+
+def test_a_phrase_with_several_boxes_is_one_grounding_target():
+    a, b = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    a[0, 0], b[3, 3] = True, True
+    merged = grounding._merge_same_phrase([("small effusion", "effusion", a), ("cardiomegaly", "cardiomegaly", a),
+                                           ("small effusion", "effusion", b)])
+    assert [t[0] for t in merged] == ["small effusion", "cardiomegaly"]
+    assert merged[0][2].sum() == 2 and merged[1][2].sum() == 1

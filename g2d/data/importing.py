@@ -204,9 +204,18 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
             pending.append(k)
     _convert_shards(shards, pending, out, source, options, advance)
 
-    failures = scan.failures + [r["failed"] for r in _journal(state, len(shards)) if "failed" in r]
+    failures, worker_drops = list(scan.failures), Counter()
+    for row in _journal(state, len(shards)):  # what the workers failed on or left out, before any manifest
+        if "failed" in row:
+            failures.append(row["failed"])
+        elif "dropped" in row:
+            worker_drops[row["dropped"]] += 1
+        elif row.get("dropped_boxes"):
+            worker_drops["boxes with zero width or height (left out of boxes and masks)"] += row["dropped_boxes"]
+    listed = len(items) + len(scan.failures) + sum(dropped.values())  # every image the source's tables name
+    dropped.update(worker_drops)
     report = {"source": source.name, "src": str(src.resolve()), "protocol": protocol.record(),
-              "listed": len(items) + sum(dropped.values()), "dropped": dict(sorted(dropped.items())),
+              "listed": listed, "dropped": dict(sorted(dropped.items())),
               "attempted": len(items) + len(scan.failures), "failed": len(failures), "failures": failures,
               "max_failures": options.max_failures}
     out.mkdir(parents=True, exist_ok=True)
@@ -218,8 +227,7 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
             f"than importing.max_failures = {options.max_failures:.1%}), e.g. {failures[0]['file']}: "
             f"{failures[0]['error']}; every failure is listed in {out / REPORT}")
 
-    rows_written, split_counts, strata, worker_drops = _write_manifest(out, source, state, len(shards))
-    dropped.update(worker_drops)
+    rows_written, split_counts, strata = _write_manifest(out, source, state, len(shards))
     info = _finish(out, source, protocol, options, split_counts, strata, dropped, len(failures))
     shutil.rmtree(state)
     problems = mf.validate(out)
@@ -267,6 +275,8 @@ def _shard_name(k: int) -> str:
 
 def _fingerprint(source: Importer, protocol: protocols.Protocol, options: Options, src: Path,
                  items: list[Item]) -> dict:
+    """Everything that changes what a shard holds. Not the worker count (it never changes the output) nor
+    max_failures: after an import fails the threshold, a rerun with a higher one reuses every shard."""
     ids = hashlib.sha256("\n".join(f"{i.id}\t{i.pool}" for i in items).encode()).hexdigest()
     return {"source": source.name, "src": str(src.resolve()), "protocol": protocol.label,
             "protocol_sha256": protocol.sha256, "image_size": options.image_size,
@@ -454,7 +464,6 @@ def _write_manifest(out: Path, source: Importer, state: Path, n_shards: int):
     columns = mf.column_order(("id", "image", "patient_id", "split", "source_id", *source.columns,
                                *source.labels))
     split_counts: Counter = Counter()
-    worker_drops: Counter = Counter()
     strata: dict[str, list[tuple[str, str]]] = {}
     rows = 0
     tmp = out / (mf.MANIFEST + ".part")
@@ -462,14 +471,9 @@ def _write_manifest(out: Path, source: Importer, state: Path, n_shards: int):
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(columns)
         for row in _journal(state, n_shards):
-            if "failed" in row:
+            if "failed" in row or "dropped" in row:
                 continue
-            if "dropped" in row:
-                worker_drops[row["dropped"]] += 1
-                continue
-            if row.get("dropped_boxes"):
-                worker_drops["boxes with zero width or height (left out of boxes and masks)"] += \
-                    row.pop("dropped_boxes")
+            row.pop("dropped_boxes", None)
             labels = row.pop("labels")
             positive = row.pop("positive", None)
             if positive is None:
@@ -480,7 +484,7 @@ def _write_manifest(out: Path, source: Importer, state: Path, n_shards: int):
             strata.setdefault(row["split"], []).append((row["id"], "positive" if positive else "negative"))
             rows += 1
     tmp.replace(out / mf.MANIFEST)
-    return rows, {s: split_counts[s] for s in mf.SPLITS if split_counts[s]}, strata, worker_drops
+    return rows, {s: split_counts[s] for s in mf.SPLITS if split_counts[s]}, strata
 
 
 def _cell(value) -> str:

@@ -115,7 +115,17 @@ def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeros
         if label is None:
             raise DataError(f"{where}: box {box} has no label to phrase (expected [x0, y0, x1, y1, label])")
         out.append((similarity.phrase(label, cfg), label, _box_mask(box, *scale)))
-    return out, image
+    return _merge_same_phrase(out), image
+
+
+def _merge_same_phrase(targets: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, str, np.ndarray]]:
+    """One target per phrase and image: a phrase with several boxes (MS-CXR, RSNA) is one region, as
+    MS-CXR's own evaluation scores it; the prompt cannot say which of its boxes it means."""
+    merged: dict[tuple[str, str], np.ndarray] = {}
+    for text, kind, truth in targets:
+        key = (text, kind)
+        merged[key] = merged[key] | truth if key in merged else truth
+    return [(text, kind, truth) for (text, kind), truth in merged.items()]
 
 
 def _json_list(row: pd.Series, column: str, where: str) -> list:

@@ -17,8 +17,8 @@ Quirks handled here:
 - the metadata lists every view; only frontal images (ViewPosition PA or AP) are kept, the others
   (LATERAL, LL, AP AXIAL, blank, ...) are counted as dropped per ViewPosition;
 - labels are per study, keyed by (subject_id, study_id); a study without a row in the CheXpert table
-  gets blank labels (about 0.1% of studies); cells are 1.0 / 0.0 / -1.0 / blank, kept raw (-1 =
-  uncertain: the engine applies the `uncertain` policy);
+  gets blank labels; cells are 1.0 / 0.0 / -1.0 / blank, kept raw (-1 = uncertain: the engine applies
+  the `uncertain` policy);
 - reports are free text with capitalised headers ("FINDINGS:", "IMPRESSION:", ...), often preceded by
   a "WET READ" and always by a "FINAL REPORT" line; `read_report` sections them (see `section_report`)
   in the import's workers, so no report text is ever held for the 227k studies at once. A study whose
@@ -157,8 +157,8 @@ def section_report(text: str) -> Sections:
              for n in MAIN}
     if found["findings"] or found["impression"]:
         return Sections(found["findings"], found["impression"], stand_in=False)
-    # loose paragraphs: all of the text before any header and of findings-less headers after their own
-    # paragraph; the body's first paragraph is never one (a title, or the whole report)
+    # loose paragraphs: the text before any header, and what follows another header's own (first) paragraph;
+    # the body's first paragraph is never one (a title, or the whole report)
     paragraphs: list[tuple[bool, str]] = []
     for s in sections:
         own = [t for p in s.paragraphs if (t := _clean(p))]
@@ -236,12 +236,12 @@ def read_labels(path: Path) -> dict[tuple[str, str], dict[str, int | None]]:
         cells = table[header]
         parse = {v: chexpert_labels.value(v, importing.row_where(path, int(i)), header)  # names the first bad row
                  for i, v in cells.drop_duplicates().items()}
-        columns.append([parse[v] for v in cells])
+        columns.append([parse[v] for v in cells.tolist()])
     names = chexpert_labels.LABELS
     shared: dict[tuple, dict[str, int | None]] = {}
     out = {}
-    for subject, study, *values in zip(table["subject_id"].str.strip(), table["study_id"].str.strip(), *columns,
-                                       strict=True):
+    for subject, study, *values in zip(table["subject_id"].str.strip().tolist(),
+                                       table["study_id"].str.strip().tolist(), *columns, strict=True):
         key = tuple(values)
         out[(subject, study)] = shared.setdefault(key, dict(zip(names, key, strict=True)))
     return out
@@ -256,7 +256,7 @@ def read_splits(path: Path) -> dict[str, str]:
         i = int(bad[0])
         raise DataError(f"{importing.row_where(path, i)}: split is {table.at[i, 'split']!r}; MIMIC-CXR-JPG's split "
                         f"file holds {', '.join(POOLS)}" + (f" ({len(bad)} rows differ)" if len(bad) > 1 else ""))
-    return dict(zip(table["dicom_id"].str.strip(), splits, strict=True))
+    return dict(zip(table["dicom_id"].str.strip().tolist(), splits.tolist(), strict=True))
 
 
 def scan(src: Path, options: importing.Options) -> importing.Scan:
@@ -269,13 +269,13 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
 
     dropped: Counter = Counter()
     frontal = []  # (row, dicom_id, subject, study)
-    for i, (dicom, subject, study, view) in enumerate(zip(meta["dicom_id"], meta["subject_id"], meta["study_id"],
-                                                          meta["ViewPosition"], strict=True)):
-        view = view.strip().upper()
+    columns = (meta[c].str.strip().tolist() for c in ("dicom_id", "subject_id", "study_id", "ViewPosition"))
+    for i, (dicom, subject, study, view) in enumerate(zip(*columns, strict=True)):
+        view = view.upper()
         if view not in FRONTAL:
             dropped[f"not a frontal view (ViewPosition {view or 'blank'}; PA and AP are kept)"] += 1
             continue
-        frontal.append((i, dicom.strip(), subject.strip(), study.strip()))
+        frontal.append((i, dicom, subject, study))
     studies = list(dict.fromkeys((subject, study) for _, _, subject, study in frontal))
     reports = _reports_root(Path(options.reports) if options.reports else src, studies)
     report_of: dict[tuple[str, str], Path | None] = {}  # one Path per study, None when the file is missing
