@@ -278,16 +278,20 @@ def test_grounding_targets_from_findings_masks_and_boxes(project):
 
 
 def _one_of_five(project: Path) -> Path:
-    """A CheXpert-5x200-like manifest (one finding per image) on the tiny SynthCXR images."""
+    """A CheXpert-5x200-like manifest as `g2d data import chexpert --protocol chexpert-5x200` writes it (one of
+    the five findings positive, the others 0 or blank, the other CheXpert columns too) on tiny SynthCXR images."""
     src = project / "datasets" / "synthcxr" / "pretrain"
     out = project / "datasets" / "cx5"
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, row in mf.read_manifest(src).head(10).iterrows():
         shutil.copy(src / row["image"], out / "images" / Path(row["image"]).name)
-        labels = dict.fromkeys(("atelectasis", "cardiomegaly", "consolidation", "edema", "effusion"), 0)
+        labels = dict.fromkeys(("atelectasis", "cardiomegaly", "consolidation", "edema", "effusion"),
+                               0 if i % 2 else "")
         labels[list(labels)[i % 5]] = 1
-        rows.append({"id": row["id"], "image": f"images/{Path(row['image']).name}", "split": "test", **labels})
+        others = {"no_finding": "", "lung_opacity": 0 if i % 3 else "", "support_devices": 1 if i == 4 else ""}
+        rows.append({"id": row["id"], "image": f"images/{Path(row['image']).name}", "split": "test", **labels,
+                     **others})
     mf.write_manifest(rows, out)
     return out
 

@@ -197,6 +197,9 @@ def _labels(rows: pd.DataFrame, spec: TaskSpec, where: str, dropped: Counter) ->
         dropped["uncertain labels (-1), left out of loss and metrics"] = int(uncertain.sum())
     values[uncertain] = np.nan
     missing = np.isnan(values) & ~uncertain
+    if spec.multiclass:  # one-of-K: a blank says "not this class" (CheXpert 5x200 leaves the other four blank)
+        values[missing] = 0
+        missing[:] = False
     if missing.any():
         dropped["missing labels, left out of loss and metrics"] = int(missing.sum())
     if spec.multiclass:

@@ -90,7 +90,7 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
     root = tracking.project_root()
     folder = zeroshot_tasks.dataset_folder(source, params, root)
     df = mf.read_manifest(folder)
-    classes, excluded = zeroshot_tasks.classes(df, folder)
+    classes, excluded = zeroshot_tasks.classes(df, folder, source.classes)
     pre = encoders.load(model, params, root)
     dev = runtime.device()
     pre.model.to(dev)

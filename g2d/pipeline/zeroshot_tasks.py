@@ -26,13 +26,15 @@ class Source:
     synthcxr: str | None  # the SynthCXR set read by default; None = needs an imported dataset
     paper: str
     multiclass: bool = False  # one finding per image: the class whose prompt is closest wins
+    classes: tuple[str, ...] = ()  # the label columns prompted for; () = every column naming a finding
 
 
 ZEROSHOT = {s.name: s for s in (
     Source("synthcxr", "pretrain", "SynthCXR finding columns (multi-label), macro AUC"),
     Source("siim", "pneumothorax", "SIIM-ACR pneumothorax vs none, AUC"),
     Source("rsna", "opacity", "RSNA pneumonia (lung opacity) vs normal, AUC"),
-    Source("chexpert-5x200", None, "CheXpert 5x200, one of 5 findings, accuracy", multiclass=True),
+    Source("chexpert-5x200", None, "CheXpert 5x200, one of 5 findings, accuracy", multiclass=True,
+           classes=tasks.CHEXPERT_5),
     Source("chestxray14", None, "ChestX-ray14, 14 findings (multi-label), macro AUC"),
 )}
 GROUNDING = {s.name: s for s in (
@@ -55,9 +57,16 @@ def dataset_folder(source: Source, params: Params, root: Path) -> Path:
                                    params, root)
 
 
-def classes(df: pd.DataFrame, folder: Path) -> tuple[tuple[str, ...], list[str]]:
-    """The manifest's label columns that name a finding, and those left out ('No Finding', 'normal')."""
+def classes(df: pd.DataFrame, folder: Path, wanted: tuple[str, ...] = ()) -> tuple[tuple[str, ...], list[str]]:
+    """The label columns prompted for (`wanted`, else every column that names a finding) and those left out
+    ('No Finding', 'normal', or the columns a task does not ask about)."""
     columns = mf.label_columns(df)
+    if wanted:
+        absent = [c for c in wanted if c not in columns]
+        if absent:
+            raise DataError(f"{folder / mf.MANIFEST}: the task needs label column(s) {absent}; columns are "
+                            f"{list(df.columns)}")
+        return tuple(wanted), [c for c in columns if c not in wanted]
     excluded = [c for c in columns if c.strip().lower().replace(" ", "_") in NOT_FINDINGS]
     found = tuple(c for c in columns if c not in excluded)
     if not found:
