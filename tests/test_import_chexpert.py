@@ -134,8 +134,9 @@ def test_bundled_full_size_train_csv_parses_and_splits_to_the_paper_sizes(tmp_pa
     assert Counter(placed.values()) == {"train": 186027, "val": 5000, "test": 2}
     # the 5x200 subset on the raw labels, exactly as the engine places it
     protocol = protocols.load("chexpert-5x200")
-    kept, gone = importing._place(importing.Scan(items, dropped), protocol, "bundled")
-    assert len(kept) == 1000 and {i.pool for i in kept} == {"test"}
+    kept, gone, missing = importing._place(importing.Scan(items + valid, dropped), protocol, "bundled")
+    assert len(kept) == 1000 and {i.pool for i in kept} == {"test"} and not missing
+    assert gone["in official partition 'valid', which protocol chexpert-5x200.v1 does not use"] == len(valid)
     assert gone["not in protocol chexpert-5x200.v1's subset"] == 191027 - 1000
     five = protocol.subset.one_of
     assert Counter(next(c for c in five if i.labels[c] == 1) for i in kept) == {c: 200 for c in five}

@@ -68,8 +68,9 @@ def test_bundled_full_size_labels_parse_and_split_to_the_paper_sizes(tmp_path: P
     with zipfile.ZipFile(embedded.package_data_dir() / embedded.RSNA_LABELS.name) as z:
         (tmp_path / rsna.LABELS_FILE).write_bytes(z.read(z.namelist()[0]))
     (tmp_path / rsna.IMAGES_DIR).mkdir()
-    scan = rsna.scan(tmp_path, OPTIONS)  # no DICOMs here: every patient is listed as a failure, none skipped
-    assert len(scan.failures) == 26684 and not scan.items
+    scan = rsna.scan(tmp_path, OPTIONS)  # no DICOMs here: every patient is marked missing, none skipped
+    assert len(scan.items) == 26684 and all(i.missing for i in scan.items)
+    assert sum(len(i.boxes) for i in scan.items) == 9555
     patients = rsna.read_labels(tmp_path / rsna.LABELS_FILE)
     assert len(patients) == 26684 and sum(p.positive for p in patients) == 6012
     assert sum(len(p.boxes) for p in patients) == 9555

@@ -28,7 +28,7 @@ def test_import_fixture_merges_rows_and_validates(tmp_path: Path) -> None:
     assert set(df["split"]) <= {"train", "val", "test"}
     for _, row in df.iterrows():
         mask = np.asarray(Image.open(tmp_path / "siim" / row["mask"])) > 127
-        expected = np.asarray(Image.fromarray(truth[row["id"]]).resize((32, 32), Image.Resampling.NEAREST))
+        expected = importing.downsample_mask(truth[row["id"]], (32, 32))
         np.testing.assert_array_equal(mask, expected)  # both rows of an image merged, column-major decoded
         assert row["pneumothorax"] == int(truth[row["id"]].any())
         assert Image.open(tmp_path / "siim" / row["image"]).size == (32, 32)
@@ -38,6 +38,16 @@ def test_import_fixture_merges_rows_and_validates(tmp_path: Path) -> None:
     assert info["sha256"] == mf.dataset_hash(tmp_path / "siim")
     # patients (two images each) never straddle splits
     assert df.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_downsampled_masks_keep_half_covered_pixels_and_small_lesions() -> None:
+    full = np.zeros((8, 8), dtype=bool)
+    full[0:2, 0:3] = True  # 2 x 3 px: stored pixel (0, 0) fully covered, (0, 1) half covered
+    np.testing.assert_array_equal(np.argwhere(importing.downsample_mask(full, (4, 4))), [[0, 0], [0, 1]])
+    tiny = np.zeros((8, 8), dtype=bool)
+    tiny[5, 5] = True  # a quarter of a stored pixel: kept rather than lost
+    assert np.argwhere(importing.downsample_mask(tiny, (4, 4))).tolist() == [[2, 2]]
+    assert not importing.downsample_mask(np.zeros((8, 8), dtype=bool), (4, 4)).any()
 
 
 def test_monochrome1_is_inverted_in_the_stored_copy(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from g2d.cli import app
@@ -19,8 +21,8 @@ from tests.layouts import siim as layout
 OPTIONS = importing.Options(image_size=32, workers=1, shard_size=4)
 
 
-class Killed(Exception):
-    """Stands for the process dying mid-import (kill, Ctrl-C, power)."""
+class Killed(BaseException):
+    """Stands for the process dying mid-import (kill, Ctrl-C, power): not an Exception, as those are listed."""
 
 
 def _killed(*args, **kwargs):
@@ -76,6 +78,10 @@ def test_refuses_to_mix_imports(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(DataError, match=r"half holds an unfinished import with other settings \(image_size"):
         importing.run("siim", tmp_path / "raw", tmp_path / "half", "siim-patient",
                       importing.Options(image_size=48, workers=1, shard_size=4))
+    csv_path = tmp_path / "raw" / "train-rle.csv"  # an annotation edited between the two runs
+    csv_path.write_text(csv_path.read_text().replace(",-1\n", ", 5 3\n", 1))
+    with pytest.raises(DataError, match=r"half holds an unfinished import with other settings \(items_sha256"):
+        importing.run("siim", tmp_path / "raw", tmp_path / "half", "siim-patient", OPTIONS)
 
 
 def test_source_and_protocol_must_agree(tmp_path: Path) -> None:
@@ -176,3 +182,38 @@ def test_one_positive_subset_also_needs_the_other_findings_negative() -> None:
     assert protocols.select_subset(subset, ids, labels, 0, "t") == ["x1", "x3"]
     with pytest.raises(DataError, match=r"t: the subset takes 2 images with only a positive, but the source has 1"):
         protocols.select_subset(subset.model_copy(update={"per_class": 2}), ids, labels, 0, "t")
+
+
+def test_boxes_under_a_pixel_and_flat_shapes_draw_without_failing(tmp_path: Path) -> None:
+    from tests.layouts import radiograph, write_picture
+
+    write_picture(tmp_path / "big.png", radiograph(400, 400))
+    tiny = importing.Item(id="t", image=tmp_path / "big.png", patient_id="t", pool="train", where="t.csv row 3",
+                          boxes=[(100, 100, 102, 102, "opacity")], mask="boxes")
+    row = importing.convert(tiny, 0, tmp_path / "out", 20)  # 400 -> 20 px: the box is a tenth of a pixel
+    mask = np.asarray(Image.open(tmp_path / "out" / row["mask"])) > 127
+    assert mask.sum() == 1 and mask[5, 5]
+    flat = importing.Item(id="f", image=tmp_path / "big.png", patient_id="f", pool="train", where="t.csv row 4",
+                          boxes=[(10, 10, 10, 20, "foreign_object"), (50, 50, 90, 70, "foreign_object")],
+                          mask="shapes", shapes=[("rectangle", (10, 10, 10, 20)), ("polygon", (5, 5, 9, 5, 30, 5)),
+                                                 ("ellipse", (50, 50, 90, 70))])
+    row = importing.convert(flat, 0, tmp_path / "out", 400)
+    mask = np.asarray(Image.open(tmp_path / "out" / row["mask"])) > 127
+    assert row["dropped_boxes"] == 1 and len(row["boxes"]) == 1
+    assert mask[:40].sum() == 0 and mask[50:70, 50:90].mean() == pytest.approx(np.pi / 4, abs=0.08)
+
+
+def test_a_missing_file_does_not_move_any_other_image_between_splits(tmp_path: Path) -> None:
+    """The protocol places every listed image, present or not. (SIIM's patient ids live in the DICOMs, so
+    there a missing file changes its patient and the patient-level split; the by-image paper split holds.)"""
+    from tests.layouts import rsna as rsna_layout
+
+    rsna_layout.build(tmp_path / "raw", n=24, size=64)
+    whole = importing.run("rsna", tmp_path / "raw", tmp_path / "whole", "rsna-patient", OPTIONS)
+    sorted((tmp_path / "raw").rglob("*.dcm"))[3].unlink()
+    partial = importing.run("rsna", tmp_path / "raw", tmp_path / "partial", "rsna-patient",
+                            importing.Options(image_size=32, workers=1, shard_size=4, max_failures=0.1))
+    assert whole.rows == 24 and partial.rows == 23 and len(partial.failures) == 1
+    before = mf.read_manifest(tmp_path / "whole").set_index("id")["split"]
+    after = mf.read_manifest(tmp_path / "partial").set_index("id")["split"]
+    assert (before[after.index] == after).all()

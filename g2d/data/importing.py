@@ -61,7 +61,7 @@ class Item:
     study_id: str = ""
     source_id: str = ""  # the dataset's own name for the image
     labels: dict[str, int | None] = field(default_factory=dict)  # 1 / 0 / -1 / None (blank)
-    boxes: list[tuple[float, float, float, float, str]] = field(default_factory=list)
+    boxes: list[tuple] = field(default_factory=list)  # (x0, y0, x1, y1, label[, where: its own file and row])
     mask: str | None = None  # "boxes" (filled boxes), "rle" (SIIM), "shapes" (Object-CXR), "empty"
     rle: list[str] = field(default_factory=list)
     rle_size: tuple[int, int] | None = None  # (height, width) the RLE is defined on; None = the image's
@@ -69,17 +69,18 @@ class Item:
     report: str | None = None
     report_file: Path | None = None  # read (and sectioned) in the worker by the source's read_report
     findings: list[dict] = field(default_factory=list)  # {"phrase", "kind", "box": [x0, y0, x1, y1]}
+    missing: dict | None = None  # `missing_file(...)` when a file it needs is not there: still placed by the
+    # protocol (so which files are present never changes anyone's split), then listed as a failure
 
 
 @dataclass
 class Scan:
     items: list[Item]
     dropped: Counter = field(default_factory=Counter)  # reason -> count, reported with the import
-    failures: list[dict] = field(default_factory=list)  # {file, where, error}: listed images that are missing
 
 
 def missing_file(path: Path, where: str, what: str = "image") -> dict:
-    """A failure entry for a file a source's table lists but the folder lacks."""
+    """A failure entry for a file a source's table lists but the folder lacks (set it as `Item.missing`)."""
     return {"file": str(path), "where": where, "error": f"{what} listed here does not exist"}
 
 
@@ -186,8 +187,8 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
         raise DataError(f"{out} already holds a dataset ({mf.MANIFEST}); remove it or import into another --out")
 
     scan = source.scan(src, options)
-    items, dropped = _place(scan, protocol, f"{source.name} import from {src}")
-    if not items and not scan.failures:
+    items, dropped, missing = _place(scan, protocol, f"{source.name} import from {src}")
+    if not items and not missing:
         raise DataError(f"{src}: no images to import ({dict(dropped) or 'the source lists none'}); it must hold "
                         f"{source.layout}")
     shards = [items[k:k + options.shard_size] for k in range(0, len(items), options.shard_size)]
@@ -204,7 +205,7 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
             pending.append(k)
     _convert_shards(shards, pending, out, source, options, advance)
 
-    failures, worker_drops = list(scan.failures), Counter()
+    failures, worker_drops = list(missing), Counter()
     for row in _journal(state, len(shards)):  # what the workers failed on or left out, before any manifest
         if "failed" in row:
             failures.append(row["failed"])
@@ -212,15 +213,15 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
             worker_drops[row["dropped"]] += 1
         elif row.get("dropped_boxes"):
             worker_drops["boxes with zero width or height (left out of boxes and masks)"] += row["dropped_boxes"]
-    listed = len(items) + len(scan.failures) + sum(dropped.values())  # every image the source's tables name
+    listed = len(items) + len(missing) + sum(dropped.values())  # every image the source's tables name
     dropped.update(worker_drops)
     report = {"source": source.name, "src": str(src.resolve()), "protocol": protocol.record(),
               "listed": listed, "dropped": dict(sorted(dropped.items())),
-              "attempted": len(items) + len(scan.failures), "failed": len(failures), "failures": failures,
+              "attempted": len(items) + len(missing), "failed": len(failures), "failures": failures,
               "max_failures": options.max_failures}
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    attempted = len(items) + len(scan.failures)
+    attempted = len(items) + len(missing)
     if len(failures) > options.max_failures * attempted:
         raise DataError(
             f"{src}: {len(failures)} of {attempted} images failed to import ({len(failures) / attempted:.1%}, more "
@@ -229,11 +230,11 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
 
     rows_written, split_counts, strata = _write_manifest(out, source, state, len(shards))
     info = _finish(out, source, protocol, options, split_counts, strata, dropped, len(failures))
-    shutil.rmtree(state)
     problems = mf.validate(out)
     if not problems.ok:
         raise DataError(f"{out}: the imported dataset does not validate: "
                         + "; ".join(str(p) for p in problems.problems[:3]) + f" (run `g2d data validate {out}`)")
+    shutil.rmtree(state)  # only now: a dataset that does not validate can be re-imported in place
     return ImportResult(out, source.name, protocol, rows_written, split_counts, dict(sorted(dropped.items())),
                         failures, info["sha256"], out / REPORT, resumed)
 
@@ -241,7 +242,9 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
 # ---------------------------------------------------------------- placing images in splits
 
 
-def _place(scan: Scan, protocol: protocols.Protocol, where: str) -> tuple[list[Item], Counter]:
+def _place(scan: Scan, protocol: protocols.Protocol, where: str) -> tuple[list[Item], Counter, list[dict]]:
+    """The items the protocol places, each with its split in `pool`; what was left out, by reason; and the
+    failure entries of placed items whose files are missing."""
     items, dropped = scan.items, Counter(scan.dropped)
     seen: dict[str, str] = {}
     for item in items:
@@ -249,6 +252,10 @@ def _place(scan: Scan, protocol: protocols.Protocol, where: str) -> tuple[list[I
             raise DataError(f"{item.where}: image id {item.id!r} appears twice (also at {seen[item.id]}); "
                             "remove the duplicate row")
         seen[item.id] = item.where
+    pools = {d.pool for d in protocol.splits.values()}
+    for pool, n in Counter(i.pool for i in items if i.pool not in pools).items():
+        dropped[f"in official partition {pool!r}, which protocol {protocol.label} does not use"] += n
+    items = [i for i in items if i.pool in pools]  # a subset is drawn only from what the protocol places
     if protocol.subset is not None:
         columns = (*protocol.subset.one_of, *protocol.subset.others)
         keep = set(protocols.select_subset(protocol.subset, [i.id for i in items],
@@ -258,12 +265,11 @@ def _place(scan: Scan, protocol: protocols.Protocol, where: str) -> tuple[list[I
         items = [i for i in items if i.id in keep]
     placed = protocols.assign(protocol, [i.id for i in items], [i.patient_id for i in items],
                               [i.pool for i in items], where)
-    for pool, n in Counter(i.pool for i in items if i.id not in placed).items():
-        dropped[f"in official partition {pool!r}, which protocol {protocol.label} does not use"] += n
-    kept = sorted((i for i in items if i.id in placed), key=lambda i: i.id)
+    missing = [i.missing for i in sorted(items, key=lambda i: i.id) if i.missing is not None]
+    kept = sorted((i for i in items if i.missing is None), key=lambda i: i.id)
     for item in kept:
         item.pool = placed[item.id]  # from here on, the split
-    return kept, dropped
+    return kept, dropped, missing
 
 
 # ---------------------------------------------------------------- resumable, parallel conversion
@@ -277,11 +283,15 @@ def _fingerprint(source: Importer, protocol: protocols.Protocol, options: Option
                  items: list[Item]) -> dict:
     """Everything that changes what a shard holds. Not the worker count (it never changes the output) nor
     max_failures: after an import fails the threshold, a rerun with a higher one reuses every shard."""
-    ids = hashlib.sha256("\n".join(f"{i.id}\t{i.pool}" for i in items).encode()).hexdigest()
+    content = hashlib.sha256()
+    for item in items:  # everything a shard's rows are made of: a changed annotation is a different import
+        content.update(repr(item).encode() + b"\n")
+    ids = content.hexdigest()
     return {"source": source.name, "src": str(src.resolve()), "protocol": protocol.label,
+            "images": str(options.images), "reports": str(options.reports),
             "protocol_sha256": protocol.sha256, "image_size": options.image_size,
             "shard_size": options.shard_size, "uncertain": dict(sorted(options.uncertain.items())),
-            "items": len(items), "ids_sha256": ids}
+            "items": len(items), "items_sha256": ids}
 
 
 def _prepare(state: Path, fingerprint: dict, out: Path) -> int:
@@ -353,6 +363,8 @@ def _convert_job(job: tuple[int, Item]) -> tuple[int, dict]:
                           _WORKER["uncertain"])
     except _ItemError as e:
         return k, {"error": str(e)}
+    except Exception as e:  # a decoder or drawing library failing on one file: listed, never a silent skip
+        return k, {"failed": {"file": str(item.image), "where": item.where, "error": f"{type(e).__name__}: {e}"}}
 
 
 class _ItemError(Exception):
@@ -381,7 +393,8 @@ def convert(item: Item, shard: int, out: Path, size: int, read_report=None, labe
     _save(Image.fromarray(to_uint8(pixels)).resize(new, Image.Resampling.BILINEAR), out / rel)
 
     flat = [b for b in item.boxes if b[0] == b[2] or b[1] == b[3]]  # a point or a line: nothing to detect
-    boxes = [_box(b[:4], width, height, item.where) + [b[4]] for b in item.boxes if b not in flat]
+    boxes = [_box(b[:4], width, height, b[5] if len(b) > 5 else item.where) + [b[4]] for b in item.boxes
+             if b not in flat]
     row = {"id": item.id, "image": rel, "patient_id": item.patient_id, "study_id": item.study_id,
            "split": item.pool, "source_id": item.source_id or item.id, "report": report,
            "boxes": [[_r(b[0] * sx), _r(b[1] * sy), _r(b[2] * sx), _r(b[3] * sy), b[4]] for b in boxes]}
@@ -429,24 +442,41 @@ def _mask(item: Item, size: tuple[int, int], new: tuple[int, int], boxes: list[l
                 full |= decode_rle(rle, h, w, where=f"{item.where} (row {n + 1} of this image)")
             except DataError as e:
                 raise _ItemError(str(e)) from None
-        return np.asarray(Image.fromarray(full).resize(new, Image.Resampling.NEAREST))
+        return downsample_mask(full, new)
     canvas = Image.new("1", new, 0)
     draw = ImageDraw.Draw(canvas)
     sx, sy = new[0] / size[0], new[1] / size[1]
     if item.mask == "boxes":
-        for x0, y0, x1, y1 in boxes:
-            draw.rectangle([x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1], fill=1)
+        for box in boxes:
+            draw.rectangle(_pixel_corners(box, sx, sy), fill=1)
     elif item.mask == "shapes":
         for kind, xy in item.shapes:
-            pts = [(x * sx, y * sy) for x, y in zip(xy[0::2], xy[1::2], strict=True)]
-            corners = [pts[0], (pts[1][0] - 1, pts[1][1] - 1)] if len(pts) == 2 else pts  # as boxes: x1, y1 exclusive
-            if kind == "rectangle":
-                draw.rectangle(corners, fill=1)
-            elif kind == "ellipse":
-                draw.ellipse(corners, fill=1)
-            else:
-                draw.polygon(pts, fill=1)
+            xs, ys = xy[0::2], xy[1::2]
+            if min(xs) == max(xs) or min(ys) == max(ys):
+                continue  # a point or a line, as its box (dropped and counted with the boxes)
+            if kind == "polygon":
+                draw.polygon([(x * sx, y * sy) for x, y in zip(xs, ys, strict=True)], fill=1)
+            else:  # rectangle / ellipse: its two corners, as a box
+                corners = _pixel_corners([min(xs), min(ys), max(xs), max(ys)], sx, sy)
+                (draw.rectangle if kind == "rectangle" else draw.ellipse)(corners, fill=1)
     return np.asarray(canvas, dtype=bool)
+
+
+def _pixel_corners(box, sx: float, sy: float) -> list[float]:
+    """A box [x0, y0, x1, y1) (x1, y1 exclusive) scaled to the stored image as the inclusive pixel corners
+    Pillow draws; a box under a pixel still covers the pixel it starts in."""
+    x0, y0 = box[0] * sx, box[1] * sy
+    return [x0, y0, max(x0, box[2] * sx - 1), max(y0, box[3] * sy - 1)]
+
+
+def downsample_mask(full: np.ndarray, new: tuple[int, int]) -> np.ndarray:
+    """A full-resolution mask at the stored size: pixels at least half covered; a region too small for that
+    keeps the pixels it touches, so a positive image never ends with an empty mask."""
+    if full.shape[::-1] == new:
+        return full
+    coverage = np.asarray(Image.fromarray(full.astype(np.float32)).resize(new, Image.Resampling.BOX))
+    mask = coverage >= 0.5
+    return mask if mask.any() or not full.any() else coverage > 0
 
 
 def _save(image: Image.Image, path: Path) -> None:
@@ -477,7 +507,7 @@ def _write_manifest(out: Path, source: Importer, state: Path, n_shards: int):
             labels = row.pop("labels")
             positive = row.pop("positive", None)
             if positive is None:
-                positive = any(v == 1 for v in labels.values()) or bool(row.get("boxes"))
+                positive = any(v == 1 for c, v in labels.items() if mf.names_a_finding(c)) or bool(row.get("boxes"))
             cells = {**row, **labels}
             writer.writerow([_cell(cells.get(c)) for c in columns])
             split_counts[row["split"]] += 1

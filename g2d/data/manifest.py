@@ -29,11 +29,17 @@ CORE_COLUMNS = ("id", "image", "patient_id", "study_id", "split", "report", "mas
                 "source_id")
 TEXT_COLUMNS = set(CORE_COLUMNS)
 REQUIRED = ("id", "image")
+NOT_FINDINGS = ("normal", "no_finding")  # label columns that say "nothing here" rather than name a finding
 LABEL_VALUES = {1, 0, -1}
 
 
 def label_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c not in TEXT_COLUMNS]
+
+
+def names_a_finding(column: str) -> bool:
+    """False for 'No Finding' / 'normal' columns: no prompt, no stratum, no class to detect."""
+    return column.strip().lower().replace(" ", "_") not in NOT_FINDINGS
 
 
 def column_order(columns) -> list[str]:

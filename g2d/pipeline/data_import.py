@@ -11,6 +11,7 @@ from g2d import tracking
 from g2d.config import Params
 from g2d.data import importing, protocols
 from g2d.data import manifest as mf
+from g2d.errors import DataError
 from g2d.progress import Reporter, silent
 
 
@@ -41,8 +42,13 @@ def run(params: Params, source: str, src: Path, out: Path, protocol: str | None 
     with tracking.start_run("data", config=config, uri=params.tracking.uri,
                             tags={"g2d.import_source": source, **mf.protocol_tags(chosen.record())}) as tr:
         started = time.perf_counter()
-        result = importing.run(source, Path(src), Path(out), chosen.label, options(params, images, reports),
-                               reporter.task)
+        try:
+            result = importing.run(source, Path(src), Path(out), chosen.label, options(params, images, reports),
+                                   reporter.task)
+        except DataError:
+            if (Path(out) / importing.REPORT).is_file():  # a failed import's list of failures, on the run too
+                tr.log_artifact(Path(out) / importing.REPORT)
+            raise
         seconds = time.perf_counter() - started
         tr.set_tag("g2d.data_hash", result.sha256)
         tr.log_metrics({"rows": result.rows, "failed": len(result.failures),

@@ -17,8 +17,6 @@ from g2d.data import manifest as mf
 from g2d.data import tasks
 from g2d.errors import ConfigError, DataError
 
-NOT_FINDINGS = ("normal", "no_finding")  # label columns that are no finding: "no normal" is not a prompt
-
 
 @dataclass(frozen=True)
 class Source:
@@ -67,7 +65,7 @@ def classes(df: pd.DataFrame, folder: Path, wanted: tuple[str, ...] = ()) -> tup
             raise DataError(f"{folder / mf.MANIFEST}: the task needs label column(s) {absent}; columns are "
                             f"{list(df.columns)}")
         return tuple(wanted), [c for c in columns if c not in wanted]
-    excluded = [c for c in columns if c.strip().lower().replace(" ", "_") in NOT_FINDINGS]
+    excluded = [c for c in columns if not mf.names_a_finding(c)]  # "no normal" is not a prompt
     found = tuple(c for c in columns if c not in excluded)
     if not found:
         raise DataError(f"{folder / mf.MANIFEST}: no label columns to prompt for (columns: {list(df.columns)})")

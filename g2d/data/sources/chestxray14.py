@@ -119,7 +119,7 @@ def read_boxes(path: Path, known: Collection[str] | None = None) -> dict[str, li
             raise DataError(f"{where}: Bbox [x, y, w, h] must be numbers, got {xywh}") from None
         if w < 0 or h < 0:  # zero is the engine's (counted, left out); negative is a broken row
             raise DataError(f"{where}: box of width {w} and height {h}; neither may be negative")
-        out.setdefault(name, []).append((x, y, x + w, y + h, BOX_LABELS[label]))
+        out.setdefault(name, []).append((x, y, x + w, y + h, BOX_LABELS[label], where))
     return out
 
 
@@ -138,7 +138,7 @@ def assemble(entries: dict[str, Entry], lists: dict[str, dict[str, str]],
                 raise DataError(f"{where}: {name} has no row in the Data_Entry table; are the lists and the table "
                                 "from the same release?")
             pool_of[name] = pool
-    items, dropped, failures = [], Counter(), []
+    items, dropped = [], Counter()
     for name, entry in entries.items():
         if name not in pool_of:
             dropped[f"in neither {LISTS['train_val']} nor {LISTS['test']}"] += 1
@@ -147,13 +147,11 @@ def assemble(entries: dict[str, Entry], lists: dict[str, dict[str, str]],
             dropped[f"View Position not {' / '.join(VIEWS)}"] += 1
             continue
         path = locate(name)
-        if path is None:
-            failures.append(importing.missing_file(images / name, entry.where))
-            continue
         items.append(importing.Item(
-            id=name[:-4], image=path, patient_id=entry.patient_id, pool=pool_of[name], where=entry.where,
-            source_id=name, labels=dict(entry.labels), boxes=list(boxes.get(name, []))))
-    return importing.Scan(items, dropped, failures)
+            id=name[:-4], image=path or images / name, patient_id=entry.patient_id, pool=pool_of[name],
+            where=entry.where, source_id=name, labels=dict(entry.labels), boxes=list(boxes.get(name, [])),
+            missing=None if path else importing.missing_file(images / name, entry.where)))
+    return importing.Scan(items, dropped)
 
 
 def find_images(src: Path) -> dict[str, Path]:

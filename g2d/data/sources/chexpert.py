@@ -98,20 +98,18 @@ def locate(src: Path, rel: str) -> Path | None:
 
 
 def scan(src: Path, options: importing.Options) -> importing.Scan:
-    items, dropped, failures = [], Counter(), []
+    items, dropped = [], Counter()
     for pool, name in POOLS.items():
         listed, gone = parse(src / name, pool)
         dropped.update(gone)
         for item in listed:
             rel = item.source_id
             path = locate(src, rel)
+            item.image = path or src.joinpath(*PurePosixPath(rel).parts[1:])
             if path is None:
-                parts = PurePosixPath(rel).parts
-                failures.append(importing.missing_file(src.joinpath(*parts[1:]), item.where))
-                continue
-            item.image = path
+                item.missing = importing.missing_file(item.image, item.where)
             items.append(item)
-    return importing.Scan(items, dropped, failures)
+    return importing.Scan(items, dropped)
 
 
 IMPORTER = importing.Importer(

@@ -88,7 +88,7 @@ def read_list(path: Path) -> list[tuple[int, str, str, str, str]]:
 
 
 def scan(src: Path, options: importing.Options) -> importing.Scan:
-    items, failures = [], []
+    items = []
     first_patient: dict[str, tuple[str, str]] = {}  # patient -> (pool, where) of its first image
     first_file: dict[str, str] = {}  # filename -> where
     for pool in POOLS:
@@ -106,13 +106,11 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
                                 f"{pool_before} list at {where_before}: patient in two splits; COVIDx splits by "
                                 "patient, so the train and test lists are not of the same COVIDx version")
             image = src / pool / filename
-            if not image.is_file():
-                failures.append(importing.missing_file(image, where))
-                continue
             items.append(importing.Item(
                 id=_UNSAFE.sub("_", filename), image=image, patient_id=patient_id, pool=pool, where=where,
-                source_id=filename, labels={c: int(c == label) for c in LABELS}))
-    return importing.Scan(items, failures=failures)
+                source_id=filename, labels={c: int(c == label) for c in LABELS},
+                missing=None if image.is_file() else importing.missing_file(image, where)))
+    return importing.Scan(items)
 
 
 IMPORTER = importing.Importer(

@@ -281,7 +281,7 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
     report_of: dict[tuple[str, str], Path | None] = {}  # one Path per study, None when the file is missing
     files = src / "files"
 
-    items, failures = [], []
+    items = []
     for i, dicom, subject, study in frontal:
         where = importing.row_where(meta_path, i)
         pool = splits.get(dicom)
@@ -293,17 +293,15 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
             path = _report_path(reports, subject, study)
             report_of[key] = path if path.is_file() else None
         report = report_of[key]
-        if report is None:
-            failures.append(importing.missing_file(_report_path(reports, subject, study), where,
-                                                   "report of this study"))
-            continue
         image = files / f"p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"  # one join: 243k of them
-        if not image.is_file():
-            failures.append(importing.missing_file(image, where, "JPG of this dicom_id"))
-            continue
+        missing = None
+        if report is None:
+            missing = importing.missing_file(_report_path(reports, subject, study), where, "report of this study")
+        elif not image.is_file():
+            missing = importing.missing_file(image, where, "JPG of this dicom_id")
         items.append(importing.Item(id=dicom, image=image, patient_id=subject, pool=pool, where=where,
-                                    study_id=study, labels=labels.get(key, {}), report_file=report))
-    return importing.Scan(items, dropped, failures)
+                                    study_id=study, labels=labels.get(key, {}), report_file=report, missing=missing))
+    return importing.Scan(items, dropped)
 
 
 IMPORTER = importing.Importer(

@@ -122,7 +122,7 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
                             "dicom_ids such as 02aa804e-bde0afdd-112c0b34-7bc16630-4e384014")
         rows.setdefault(dicom, []).append(i)
 
-    items, failures = [], []
+    items = []
     for dicom, idx in rows.items():
         first = table.loc[idx[0]]
         where = importing.row_where(csv_path, idx[0]) + (f" (+{len(idx) - 1} more rows)" if len(idx) > 1 else "")
@@ -153,18 +153,18 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
                 raise DataError(f"{row_where}: label_text is empty; every MS-CXR box belongs to a phrase")
             boxes.append((x, y, x + w, y + h, phrase, kind(row["category_name"]) or "finding"))
         image = _image(root, rel)
-        if not image.is_file():
-            failures.append(importing.missing_file(image, where, "MIMIC-CXR-JPG image of this dicom_id"))
-            continue
-        sx, sy = _scale(listed, _file_size(image), image, where)
         item = importing.Item(id=dicom, image=image, patient_id=subject, pool="all", where=where, study_id=study,
                               source_id=dicom)
+        items.append(item)
+        if not image.is_file():
+            item.missing = importing.missing_file(image, where, "MIMIC-CXR-JPG image of this dicom_id")
+            continue
+        sx, sy = _scale(listed, _file_size(image), image, where)
         for x0, y0, x1, y1, phrase, name in boxes:
             box = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
             item.findings.append({"phrase": phrase, "kind": name, "box": box})
             item.boxes.append((*box, name))
-        items.append(item)
-    return importing.Scan(items, failures=failures)
+    return importing.Scan(items)
 
 
 IMPORTER = importing.Importer(

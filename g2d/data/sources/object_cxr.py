@@ -71,7 +71,7 @@ def _file_name(image_name: str) -> str:
 
 
 def scan(src: Path, options: importing.Options) -> importing.Scan:
-    items, failures = [], []
+    items = []
     for pool in POOLS:
         csv_path = src / f"{pool}.csv"
         table = importing.read_table(csv_path, COLUMNS)
@@ -86,15 +86,13 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
             seen[name] = where
             shapes = parse_annotation(annotation, where)
             image = src / pool / name
-            if not image.is_file():
-                failures.append(importing.missing_file(image, where))
-                continue
             item_id = f"{pool}-{_UNSAFE.sub('_', PurePosixPath(name).stem)}"
             items.append(importing.Item(
                 id=item_id, image=image, patient_id=item_id, pool=pool, where=where, source_id=name,
                 labels={LABEL: int(bool(shapes))}, mask="shapes", shapes=shapes,
-                boxes=[(*bounding_box(xy), LABEL) for _, xy in shapes]))
-    return importing.Scan(items, failures=failures)
+                boxes=[(*bounding_box(xy), LABEL) for _, xy in shapes],
+                missing=None if image.is_file() else importing.missing_file(image, where)))
+    return importing.Scan(items)
 
 
 IMPORTER = importing.Importer(

@@ -74,7 +74,6 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
     csv_path = src / LABELS_FILE
     table = importing.read_table(csv_path, ("patientId", "x", "y", "width", "height", "Target"))
     items: dict[str, importing.Item] = {}
-    failures, missing = [], set()
     for i, row in enumerate(table.itertuples(index=False)):
         where = importing.row_where(csv_path, i)
         pid = row.patientId.strip()
@@ -83,13 +82,10 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
         item = items.get(pid)
         if item is None:
             path = src / IMAGES_DIR / f"{pid}.dcm"
-            if not path.is_file():
-                if pid not in missing:
-                    missing.add(pid)
-                    failures.append(importing.missing_file(path, where, "DICOM of this patientId"))
-                continue
-            item = items[pid] = importing.Item(id=pid, image=path, patient_id=pid, pool="train", where=where,
-                                               source_id=pid, mask="boxes", labels={"opacity": 0})
+            item = items[pid] = importing.Item(
+                id=pid, image=path, patient_id=pid, pool="train", where=where, source_id=pid, mask="boxes",
+                labels={"opacity": 0},
+                missing=None if path.is_file() else importing.missing_file(path, where, "DICOM of this patientId"))
         if row.Target.strip() == "1":
             try:
                 x, y, w, h = (float(v) for v in (row.x, row.y, row.width, row.height))
@@ -100,7 +96,7 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
                 raise DataError(f"{where}: box width and height must be positive, got {w} x {h}")
             item.boxes.append((x, y, x + w, y + h, "opacity"))
             item.labels["opacity"] = 1
-    return importing.Scan(sorted(items.values(), key=lambda it: it.id), failures=failures)
+    return importing.Scan(sorted(items.values(), key=lambda it: it.id))
 
 
 IMPORTER = importing.Importer(

@@ -108,24 +108,22 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
     rows: dict[str, list[int]] = {}
     for i, image_id in enumerate(table["ImageId"].str.strip()):
         rows.setdefault(image_id, []).append(i)
-    items, failures = [], []
+    items = []
     for image_id, idx in rows.items():
         where = f"{importing.row_where(csv_path, idx[0])}" + (f" (+{len(idx) - 1} more rows)" if len(idx) > 1 else "")
         rles = [table.at[i, "EncodedPixels"].strip() or "-1" for i in idx]
         for i, rle in zip(idx, rles, strict=True):
             check_rle(rle, importing.row_where(csv_path, i))
         path = dicoms.get(image_id)
-        if path is None:
-            failures.append(importing.missing_file(src / "dicom-images-train" / f"{image_id}.dcm", where,
-                                                   "DICOM of this ImageId"))
-            continue
+        expected = src / "dicom-images-train" / f"{image_id}.dcm"
         items.append(importing.Item(
-            id=image_id, image=path, patient_id=_patient_id(path) or image_id, pool="train", where=where,
+            id=image_id, image=path or expected, patient_id=(path and _patient_id(path)) or image_id, pool="train",
+            where=where, missing=None if path else importing.missing_file(expected, where, "DICOM of this ImageId"),
             source_id=image_id, mask="rle", rle=rles,  # on the DICOM's own size (1024 x 1024 in SIIM)
             labels={"pneumothorax": int(any(r != "-1" for r in rles))}))
     unlabelled = len(set(dicoms) - set(rows))
     dropped = Counter({f"DICOMs without a row in {RLE_FILE} (stage 1 test images)": unlabelled} if unlabelled else {})
-    return importing.Scan(items, dropped, failures)
+    return importing.Scan(items, dropped)
 
 
 def check_rle(rle: str, where: str, height: int = SIIM_SIZE, width: int = SIIM_SIZE) -> None:
