@@ -46,7 +46,7 @@ SOURCES = {
     "mimic-cxr": "mimic_cxr", "siim": "siim", "rsna": "rsna", "chexpert": "chexpert", "covidx": "covidx",
     "object-cxr": "object_cxr", "ms-cxr": "ms_cxr", "chestxray14": "chestxray14",
 }
-_BOX_SLACK = 1.0  # pixels a box may overhang the image (annotation rounding) before it is an error
+BOX_SLACK = 1.0  # pixels a box may overhang the image (annotation rounding) before it is an error
 
 
 @dataclass(slots=True)
@@ -421,7 +421,7 @@ def _box(box, width: int, height: int, where: str) -> list[float]:
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (x0 < x1 and y0 < y1):
         raise _ItemError(f"{where}: box {[x0, y0, x1, y1]} is empty or inverted (x0 < x1 and y0 < y1 needed)")
-    if x0 < -_BOX_SLACK or y0 < -_BOX_SLACK or x1 > width + _BOX_SLACK or y1 > height + _BOX_SLACK:
+    if x0 < -BOX_SLACK or y0 < -BOX_SLACK or x1 > width + BOX_SLACK or y1 > height + BOX_SLACK:
         raise _ItemError(f"{where}: box {[x0, y0, x1, y1]} lies outside the {width} x {height} image; fix the row "
                          "or remove it")
     return [max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)]

@@ -42,7 +42,6 @@ COLUMNS = ("dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h"
 _FILE = re.compile(r"MS_CXR_Local_Alignment_v(\d+)\.(\d+)\.(\d+)\.csv")
 _PATH = re.compile(r"(?:^|/)p(\d+)/s(\d+)/([^/]+)\.jpg$")
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_SLACK = 1.0  # pixels a box may overhang the image (annotation rounding), as the engine allows
 _ASPECT = 0.01  # relative aspect-ratio difference still taken as the same image, resized
 
 
@@ -76,7 +75,8 @@ def _numbers(row: dict, where: str) -> tuple[float, ...]:
     if w <= 0 or h <= 0 or width <= 0 or height <= 0:
         raise DataError(f"{where}: box w x h = {w:g} x {h:g} on an image of {width:g} x {height:g}; all must be "
                         "positive")
-    if x < -_SLACK or y < -_SLACK or x + w > width + _SLACK or y + h > height + _SLACK:
+    slack = importing.BOX_SLACK  # what the engine allows an annotation to overhang
+    if x < -slack or y < -slack or x + w > width + slack or y + h > height + slack:
         raise DataError(f"{where}: box x, y, w, h = {x:g}, {y:g}, {w:g}, {h:g} lies outside the image "
                         f"(image_width x image_height = {width:g} x {height:g}); fix the row or remove it")
     return values
