@@ -327,15 +327,23 @@ def test_batches_cycle_seeded_permutations():
 
 
 def test_multiclass_rows_need_one_known_label(tmp_path):
+    """One-of-K: a blank is 'not this class' (CheXpert 5x200 leaves the other classes blank), but a row needs
+    exactly one 1 and no uncertain value."""
     folder = tmp_path / "cx"
     (folder / "images").mkdir(parents=True)
     Image.fromarray((torch.rand(16, 16) * 255).byte().numpy()).save(folder / "images" / "a.png")
-    rows = [{"id": "a", "image": "images/a.png", "patient_id": "p", "split": "test", "normal": 1, "pneumonia": "",
-             "covid": 0}]
+    cells = {"a": ("", 0, 0), "b": (1, -1, ""), "c": (1, "", ""), "d": ("", 1, 1)}
+    rows = [{"id": i, "image": "images/a.png" if i == "a" else f"images/{i}.png", "patient_id": i, "split": "test",
+             "normal": n, "pneumonia": p, "covid": c} for i, (n, p, c) in cells.items()]
+    for i in "bcd":
+        shutil.copy(folder / "images" / "a.png", folder / "images" / f"{i}.png")
     mf.write_manifest(pd.DataFrame(rows), folder)
     with pytest.raises(DataError, match=r"needs exactly one of \['normal', 'pneumonia', 'covid'\] = 1 per row; rows "
-                                        r"\['a'\]"):
+                                        r"\['a', 'b', 'd'\]"):
         labelled.load_split(folder, mf.read_manifest(folder), "test", tasks.get("covidx-cls"), 16)
+    ok = mf.read_manifest(folder)
+    split = labelled.load_split(folder, ok[ok["id"] == "c"], "test", tasks.get("covidx-cls"), 16)
+    assert split.labels.tolist() == [[1.0, 0.0, 0.0]]
 
 
 def test_a_fresh_segmentation_head_starts_predicting_no_finding(project):
