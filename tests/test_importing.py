@@ -217,3 +217,19 @@ def test_a_missing_file_does_not_move_any_other_image_between_splits(tmp_path: P
     before = mf.read_manifest(tmp_path / "whole").set_index("id")["split"]
     after = mf.read_manifest(tmp_path / "partial").set_index("id")["split"]
     assert (before[after.index] == after).all()
+
+
+def test_by_image_protocols_note_patients_across_splits_instead_of_failing(tmp_path: Path) -> None:
+    layout.build(tmp_path / "raw", n=12, size=64)  # two images per patient
+    importing.run("siim", tmp_path / "raw", tmp_path / "siim", "siim-patient", OPTIONS)
+    df = mf.read_manifest(tmp_path / "siim")
+    moved = df.index[df["split"] != "train"][0]  # into train, so the fraction files stay valid
+    df.loc[moved, "split"] = "train"
+    mf.write_manifest(df, tmp_path / "siim")
+    assert mf.validate(tmp_path / "siim").counts() == {"patient in two splits": 2}
+    info = mf.read_info(tmp_path / "siim")
+    info["protocol"].update(name="siim-g2d", unit="image")
+    mf.write_info(tmp_path / "siim", info)
+    report = mf.validate(tmp_path / "siim")
+    assert report.ok and report.notes == ["1 patients have images in more than one split: protocol siim-g2d.v1 "
+                                          "splits by image, as the paper does"]
