@@ -152,6 +152,9 @@ def test_cli_import_records_the_protocol_in_mlflow_and_info_prints_it(project_di
     assert run.data.tags["g2d.protocol"] == "siim-patient.v1" and run.data.tags["g2d.protocol_sha256"] == sha
     assert run.data.tags["g2d.data_hash"] == json.loads((project_dir / "data/siim/dataset.json").read_text())["sha256"]
     assert run.data.metrics["rows"] == 6 and run.info.status == "FINISHED"
+    assert (project_dir / "data/siim/contact_sheet.png").is_file()
+    logged = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id, "figures")}
+    assert logged == {"figures/contact_sheet.png"}
     info = runner.invoke(app, ["data", "info", "data/siim"])
     assert f"protocol siim-patient.v1 (by patient)  sha256:{sha[:12]}" in info.output
     valid = runner.invoke(app, ["data", "validate", "data/siim"])

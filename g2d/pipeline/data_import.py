@@ -12,6 +12,7 @@ from g2d.config import Params
 from g2d.data import importing, protocols
 from g2d.data import manifest as mf
 from g2d.errors import DataError
+from g2d.pipeline import import_sheet
 from g2d.progress import Reporter, silent
 
 
@@ -56,6 +57,9 @@ def run(params: Params, source: str, src: Path, out: Path, protocol: str | None 
                         **{f"rows_{s}": n for s, n in result.splits.items()}})
         tr.log_dict(importing.summary(result), "import_summary.json")
         tr.log_artifact(result.report)
+        sheet = import_sheet.write(result.folder, result.folder / "contact_sheet.png",
+                                   title=f"{source} ({chosen.label}): stored images, masks (cyan), boxes (orange)")
+        tr.log_artifact(sheet, "figures")
         tr.log_dataset(f"{source}-{Path(out).name}", source=str(Path(out).resolve() / mf.MANIFEST),
                        digest=result.sha256, context="import", tags={"protocol": chosen.label})
         return ImportOutcome(result, tr.run_id, seconds)
