@@ -236,3 +236,36 @@ def test_by_image_protocols_note_patients_across_splits_instead_of_failing(tmp_p
     report = mf.validate(tmp_path / "siim")
     assert report.ok and report.notes == ["1 patients have images in more than one split: protocol siim-g2d.v1 "
                                           "splits by image, as the paper does"]
+
+
+def test_kill_9_mid_import_then_the_same_command_resumes(tmp_path: Path) -> None:
+    """A real SIGKILL of `g2d data import` (no cleanup runs), then the same command: finished shards are kept,
+    and the dataset is byte for byte the one an uninterrupted import writes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    layout.build(tmp_path / "raw", n=160, size=256)
+    command = [sys.executable, "-m", "g2d.cli", "data", "import", "siim", "--src", str(tmp_path / "raw"),
+               "--out", str(tmp_path / "out"), "--protocol", "siim-patient", "--set", "importing.workers=1",
+               "--set", "importing.shard_size=8", "--set", "importing.image_size=64"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "out" / importing.STATE
+    deadline = time.monotonic() + 120
+    while not (state / "shard-00002.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(state.glob("shard-*.jsonl")))
+    assert proc.returncode == -signal.SIGKILL and 3 <= done < 20, "the import ended before it could be killed"
+    first_shard = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "images" / "00000").iterdir()}
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert {p: p.stat().st_mtime_ns for p in first_shard} == first_shard  # journalled shards were not redone
+    clean = importing.run("siim", tmp_path / "raw", tmp_path / "clean", "siim-patient",
+                          importing.Options(image_size=64, workers=1, shard_size=8))
+    assert mf.read_info(tmp_path / "out")["sha256"] == clean.sha256
+    assert (tmp_path / "out" / mf.MANIFEST).read_bytes() == (tmp_path / "clean" / mf.MANIFEST).read_bytes()
