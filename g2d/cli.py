@@ -162,7 +162,9 @@ def data_protocols(source: Annotated[str | None, typer.Argument(help="only this 
 
 @data_app.command("validate")
 @handles_errors
-def data_validate(path: Annotated[Path, typer.Argument(help="dataset folder or its manifest.csv")]) -> None:
+def data_validate(path: Annotated[Path, typer.Argument(help="dataset folder or its manifest.csv")],
+                  workers: Annotated[int, typer.Option("--workers", min=0, help="processes decoding the files, "
+                                                       "0 = all cores")] = 0) -> None:
     """Check a dataset: files exist and decode, masks binary and image-sized, boxes inside, splits
     by patient, reports not empty, no duplicates. Exits 1 if anything is wrong."""
     from g2d.data import manifest as mf
@@ -170,7 +172,7 @@ def data_validate(path: Annotated[Path, typer.Argument(help="dataset folder or i
 
     df = mf.read_manifest(path)
     with rich_progress() as reporter:
-        report = mf.validate(path, reporter.task(f"validate {path}", len(df)))
+        report = mf.validate(path, reporter.task(f"validate {path}", len(df)), workers=workers)
     for note in report.notes:
         typer.echo(f"note: {note}")
     if report.ok:

@@ -223,3 +223,22 @@ def test_fraction_files_are_checked_against_dataset_json(tmp_path):
     assert messages == ["fraction 0.5 (fractions/train_0.5.txt): 1 ids not in the train split, e.g. 'r3'",
                         "fraction 0.5 (fractions/train_0.5.txt): sha256 differs from dataset.json",
                         "fraction 1 (fractions/train_1.txt): file is missing"]
+
+
+def test_worker_processes_find_the_same_problems_in_the_same_rows(tmp_path):
+    make_dataset(tmp_path, n=4)
+    df = mf.read_manifest(tmp_path)
+    rows = df.to_dict("records")
+    for i in range(4, 200):  # enough rows for several worker chunks
+        row = dict(rows[i % 4], id=f"r{i}", image=f"images/r{i}.png", patient_id=f"p{i}")
+        png(tmp_path / "images" / f"r{i}.png", np.full((SIZE, SIZE), i % 250, dtype=np.uint8))
+        if i % 37 == 0:
+            row["boxes"] = json.dumps([[0, 0, 99, 4, "opacity"]])  # outside
+        if i % 53 == 0:
+            (tmp_path / "images" / f"r{i}.png").write_bytes(b"not a png")
+        rows.append(row)
+    mf.write_manifest(rows, tmp_path)
+    one, two = mf.validate(tmp_path, workers=1), mf.validate(tmp_path, workers=2)
+    assert [(p.check, p.message, p.rows) for p in one.problems] == [(p.check, p.message, p.rows) for p in two.problems]
+    assert one.counts() == {"box outside the image": 5, "undecodable image": 3}
+    assert mf.dataset_hash(tmp_path, workers=1) == mf.dataset_hash(tmp_path, workers=3)

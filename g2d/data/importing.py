@@ -230,7 +230,7 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
 
     rows_written, split_counts, strata = _write_manifest(out, source, state, len(shards))
     info = _finish(out, source, protocol, options, split_counts, strata, dropped, len(failures))
-    problems = mf.validate(out)
+    problems = mf.validate(out, workers=options.workers)
     if not problems.ok:
         raise DataError(f"{out}: the imported dataset does not validate: "
                         + "; ".join(str(p) for p in problems.problems[:3]) + f" (run `g2d data validate {out}`)")
@@ -544,7 +544,7 @@ def _finish(out: Path, source: Importer, protocol: protocols.Protocol, options: 
         "import": {"image_size": options.image_size, "dropped": dict(sorted(dropped.items())), "failed": failed,
                    "uncertain": dict(sorted(options.uncertain.items())), "report": REPORT},
     }
-    info["sha256"] = mf.dataset_hash(out)
+    info["sha256"] = mf.dataset_hash(out, workers=options.workers)
     mf.write_info(out, info)
     return info
 

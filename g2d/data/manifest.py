@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -143,19 +145,30 @@ def referenced_files(df: pd.DataFrame) -> list[str]:
     return sorted(set(files))
 
 
-def dataset_hash(folder: Path, progress: Callable[[int], None] | None = None) -> str:
+def dataset_hash(folder: Path, progress: Callable[[int], None] | None = None, workers: int = 1) -> str:
     """SHA-256 over the manifest and every file it references (name + content), so any change
-    to a row, an image or a mask changes the hash."""
+    to a row, an image or a mask changes the hash. Files are hashed by `workers` threads (hashlib and
+    file reads release the GIL), in a fixed order, so the hash never depends on the worker count."""
     df = read_manifest(folder)
     h = hashlib.sha256((folder / MANIFEST).read_bytes())
-    for rel in referenced_files(df):
+    files = referenced_files(df)
+
+    def digest(rel: str) -> str:
         path = resolve(folder, rel, f"{folder / MANIFEST}")
         if not path.is_file():
             raise ManifestError(f"{folder / MANIFEST}: names {rel}, which is missing; run `g2d data validate {folder}`")
-        h.update(rel.encode() + b"\0" + file_sha256(path).encode())
-        if progress:
-            progress(1)
+        return file_sha256(path)
+
+    with ThreadPoolExecutor(_workers(workers)) as pool:
+        for rel, file_digest in zip(files, pool.map(digest, files), strict=True):
+            h.update(rel.encode() + b"\0" + file_digest.encode())
+            if progress:
+                progress(1)
     return h.hexdigest()
+
+
+def _workers(n: int) -> int:
+    return n or os.cpu_count() or 1
 
 
 def read_info(folder: Path) -> dict[str, Any]:
@@ -216,8 +229,10 @@ def _load_image(path: Path) -> np.ndarray:
         return np.asarray(im)
 
 
-def validate(folder: Path, progress: Callable[[int], None] | None = None) -> ValidationReport:
-    """Check a dataset folder. Every problem lists the offending rows and how many there are."""
+def validate(folder: Path, progress: Callable[[int], None] | None = None, workers: int = 1) -> ValidationReport:
+    """Check a dataset folder. Every problem lists the offending rows and how many there are. The files
+    (decoding every image and mask) are checked in `workers` processes (0 = all cores); rows keep their
+    order, so the report never depends on the worker count."""
     manifest = manifest_path(folder)
     folder = manifest.parent
     df = read_manifest(manifest, check_labels=False)
@@ -256,25 +271,9 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None) -> Val
         for i in df.index[df["report"].fillna("").str.strip() == ""]:
             add("empty report", "report text is empty", i)
 
-    for i, row in df.iterrows():
-        size = _check_image(folder, row, i, add)
-        masks = [("mask", row["mask"])] if "mask" in df.columns and row.get("mask") else []
-        boxes = _parse_json(row, "boxes", i, add)
-        for k, f in enumerate(_parse_json(row, "findings", i, add)):
-            if not isinstance(f, dict):
-                add("bad findings", "findings must be a JSON list of objects", i)
-                continue
-            if f.get("mask"):
-                masks.append((f"findings[{k}].mask", f["mask"]))
-            if "box" in f:  # a finding's box is [x0, y0, x1, y1]; its label is the finding's kind
-                box = f["box"]
-                boxes.append([*box, str(f.get("kind") or "finding")] if isinstance(box, list) else box)
-        for what, rel in masks:
-            _check_mask(folder, rel, what, size, i, add)
-        for box in boxes:
-            _check_box(box, size, i, add)
-        if progress:
-            progress(1)
+    for i, entries in _check_files(folder, df, progress, _workers(workers)):
+        for check, message in entries:
+            add(check, message, i)
 
     _check_fractions(folder, df, found)
     problems = [Problem(check, msg, rows) for (check, msg), rows in found.items()]
@@ -282,7 +281,63 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None) -> Val
     return ValidationReport(manifest, len(df), problems, notes)
 
 
-def _check_image(folder: Path, row: pd.Series, i: int, add) -> tuple[int, int] | None:
+_FILE_CHUNK = 64  # rows a worker checks per task
+
+
+def _check_files(folder: Path, df: pd.DataFrame, progress, workers: int):
+    """(row index, [(check, message), ...]) for every row, in row order."""
+    rows = [(int(i), row) for i, row in zip(df.index, df.to_dict("records"), strict=True)]
+    chunks = [rows[k:k + _FILE_CHUNK] for k in range(0, len(rows), _FILE_CHUNK)]
+    if workers == 1 or len(chunks) < 2:
+        results = (_check_chunk(folder, chunk) for chunk in chunks)
+        pool = None
+    else:
+        import multiprocessing as mp
+
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method))
+        results = pool.map(_check_chunk, [folder] * len(chunks), chunks)
+    try:
+        for chunk_result in results:
+            yield from chunk_result
+            if progress:
+                progress(len(chunk_result))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _check_chunk(folder: Path, chunk: list[tuple[int, dict]]) -> list[tuple[int, list[tuple[str, str]]]]:
+    out = []
+    for i, row in chunk:
+        entries: list[tuple[str, str]] = []
+        _check_row(folder, row, lambda check, message, _i, e=entries: e.append((check, message)))
+        out.append((i, entries))
+    return out
+
+
+def _check_row(folder: Path, row: dict, add) -> None:
+    """The files one row names: the image decodes, masks are binary and image-sized, boxes inside."""
+    i = -1  # `add` knows its row
+    size = _check_image(folder, row, i, add)
+    masks = [("mask", row["mask"])] if row.get("mask") else []
+    boxes = _parse_json(row, "boxes", i, add)
+    for k, f in enumerate(_parse_json(row, "findings", i, add)):
+        if not isinstance(f, dict):
+            add("bad findings", "findings must be a JSON list of objects", i)
+            continue
+        if f.get("mask"):
+            masks.append((f"findings[{k}].mask", f["mask"]))
+        if "box" in f:  # a finding's box is [x0, y0, x1, y1]; its label is the finding's kind
+            box = f["box"]
+            boxes.append([*box, str(f.get("kind") or "finding")] if isinstance(box, list) else box)
+    for what, rel in masks:
+        _check_mask(folder, rel, what, size, i, add)
+    for box in boxes:
+        _check_box(box, size, i, add)
+
+
+def _check_image(folder: Path, row, i: int, add) -> tuple[int, int] | None:
     try:
         path = resolve(folder, row["image"], "image")
     except ManifestError:
@@ -327,7 +382,7 @@ def _check_mask(folder: Path, rel: str, what: str, size, i: int, add) -> None:
         add("mask size", f"{what} is not the size of its image", i)
 
 
-def _parse_json(row: pd.Series, col: str, i: int, add) -> list:
+def _parse_json(row, col: str, i: int, add) -> list:
     cell = row.get(col)
     if cell is None or (isinstance(cell, float) and math.isnan(cell)) or cell == "":
         return []
