@@ -160,10 +160,12 @@ def dataset_hash(folder: Path, progress: Callable[[int], None] | None = None, wo
         return file_sha256(path)
 
     with ThreadPoolExecutor(_workers(workers)) as pool:
-        for rel, file_digest in zip(files, pool.map(digest, files), strict=True):
-            h.update(rel.encode() + b"\0" + file_digest.encode())
+        for k in range(0, len(files), 256):  # a bounded batch of futures at a time
+            batch = files[k:k + 256]
+            for rel, file_digest in zip(batch, pool.map(digest, batch), strict=True):
+                h.update(rel.encode() + b"\0" + file_digest.encode())
             if progress:
-                progress(1)
+                progress(len(batch))
     return h.hexdigest()
 
 
@@ -285,26 +287,34 @@ _FILE_CHUNK = 64  # rows a worker checks per task
 
 
 def _check_files(folder: Path, df: pd.DataFrame, progress, workers: int):
-    """(row index, [(check, message), ...]) for every row, in row order."""
-    rows = [(int(i), row) for i, row in zip(df.index, df.to_dict("records"), strict=True)]
-    chunks = [rows[k:k + _FILE_CHUNK] for k in range(0, len(rows), _FILE_CHUNK)]
-    if workers == 1 or len(chunks) < 2:
-        results = (_check_chunk(folder, chunk) for chunk in chunks)
-        pool = None
-    else:
-        import multiprocessing as mp
+    """(row index, [(check, message), ...]) for every row, in row order; at most two chunks per worker in
+    flight, so memory does not grow with the number of rows."""
+    def chunks():
+        for k in range(0, len(df), _FILE_CHUNK):
+            part = df.iloc[k:k + _FILE_CHUNK]
+            yield [(int(i), row) for i, row in zip(part.index, part.to_dict("records"), strict=True)]
 
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method))
-        results = pool.map(_check_chunk, [folder] * len(chunks), chunks)
-    try:
-        for chunk_result in results:
-            yield from chunk_result
-            if progress:
-                progress(len(chunk_result))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    def done(result):
+        if progress:
+            progress(len(result))
+        return result
+
+    if workers == 1 or len(df) <= _FILE_CHUNK:
+        for chunk in chunks():
+            yield from done(_check_chunk(folder, chunk))
+        return
+    import multiprocessing as mp
+    from collections import deque
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
+        pending: deque = deque()
+        for chunk in chunks():
+            pending.append(pool.submit(_check_chunk, folder, chunk))
+            if len(pending) >= 2 * workers:
+                yield from done(pending.popleft().result())
+        while pending:
+            yield from done(pending.popleft().result())
 
 
 def _check_chunk(folder: Path, chunk: list[tuple[int, dict]]) -> list[tuple[int, list[tuple[str, str]]]]:
