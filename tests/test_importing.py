@@ -269,3 +269,10 @@ def test_kill_9_mid_import_then_the_same_command_resumes(tmp_path: Path) -> None
                           importing.Options(image_size=64, workers=1, shard_size=8))
     assert mf.read_info(tmp_path / "out")["sha256"] == clean.sha256
     assert (tmp_path / "out" / mf.MANIFEST).read_bytes() == (tmp_path / "clean" / mf.MANIFEST).read_bytes()
+
+
+def test_an_image_id_is_never_a_path() -> None:
+    assert importing.safe_id("sub dir/../x y.png") == "sub_dir_.._x_y.png" and importing.safe_id("..") == "_"
+    item = importing.Item(id="../escape", image=Path("x.png"), patient_id="p", pool="train", where="t.csv row 2")
+    with pytest.raises(DataError, match=r"t.csv row 2: image id '../escape' is not a safe file name"):
+        importing._place(importing.Scan([item]), protocols.load("siim-patient"), "test")

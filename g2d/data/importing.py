@@ -24,6 +24,7 @@ import importlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ SOURCES = {
     "mimic-cxr": "mimic_cxr", "siim": "siim", "rsna": "rsna", "chexpert": "chexpert", "covidx": "covidx",
     "object-cxr": "object_cxr", "ms-cxr": "ms_cxr", "chestxray14": "chestxray14",
 }
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # an image id is a file name: no '/', no '..', no spaces
 BOX_SLACK = 1.0  # pixels a box may overhang the image (annotation rounding) before it is an error
 
 
@@ -77,6 +79,11 @@ class Item:
 class Scan:
     items: list[Item]
     dropped: Counter = field(default_factory=Counter)  # reason -> count, reported with the import
+
+
+def safe_id(name: str) -> str:
+    """A source's file name as an image id: characters other than letters, digits, '.', '_', '-' become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "_"
 
 
 def missing_file(path: Path, where: str, what: str = "image") -> dict:
@@ -248,6 +255,9 @@ def _place(scan: Scan, protocol: protocols.Protocol, where: str) -> tuple[list[I
     items, dropped = scan.items, Counter(scan.dropped)
     seen: dict[str, str] = {}
     for item in items:
+        if not SAFE_ID.fullmatch(item.id):  # ids become file names under images/: never a path
+            raise DataError(f"{item.where}: image id {item.id!r} is not a safe file name (letters, digits, '.', '_', "
+                            "'-'); the source module must sanitise it")
         if item.id in seen:
             raise DataError(f"{item.where}: image id {item.id!r} appears twice (also at {seen[item.id]}); "
                             "remove the duplicate row")

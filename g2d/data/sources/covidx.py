@@ -25,7 +25,6 @@ oldest lists (train_split_v1.txt, ...) have no data_source column. Quirks handle
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from g2d.data import importing
@@ -39,7 +38,6 @@ CLASSES = {  # class as written in the lists (lower-cased) -> label column
 }
 BINARY = ("positive", "negative")
 THREE_CLASS_LISTS = "train_COVIDx9A.txt / test_COVIDx9A.txt in the labels/ folder of github.com/lindawangg/COVID-Net"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _where(path: Path, line: int) -> str:
@@ -107,7 +105,7 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
                                 "patient, so the train and test lists are not of the same COVIDx version")
             image = src / pool / filename
             items.append(importing.Item(
-                id=_UNSAFE.sub("_", filename), image=image, patient_id=patient_id, pool=pool, where=where,
+                id=importing.safe_id(filename), image=image, patient_id=patient_id, pool=pool, where=where,
                 source_id=filename, labels={c: int(c == label) for c in LABELS},
                 missing=None if image.is_file() else importing.missing_file(image, where)))
     return importing.Scan(items)

@@ -42,7 +42,6 @@ PREFIX = "mimic-cxr-2.0.0"
 METADATA, SPLIT, CHEXPERT = f"{PREFIX}-metadata", f"{PREFIX}-split", f"{PREFIX}-chexpert"
 FRONTAL = ("PA", "AP")
 POOLS = ("train", "validate", "test")
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PROBE = 50  # studies probed to find where the reports are
 
 
@@ -216,7 +215,7 @@ def _reports_root(base: Path, studies: list[tuple[str, str]]) -> Path:
 def _check_ids(table, path: Path, columns: tuple[str, ...]) -> None:
     """subject_id / study_id are numbers and dicom_id a hex id: they become paths and file names."""
     for column in columns:
-        pattern = _SAFE_ID.pattern if column == "dicom_id" else r"\d+"
+        pattern = importing.SAFE_ID.pattern if column == "dicom_id" else r"\d+"
         bad = table.index[~table[column].str.strip().str.fullmatch(pattern)]
         if len(bad):
             i = int(bad[0])

@@ -41,7 +41,6 @@ from g2d.errors import DataError
 COLUMNS = ("dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height")
 _FILE = re.compile(r"MS_CXR_Local_Alignment_v(\d+)\.(\d+)\.(\d+)\.csv")
 _PATH = re.compile(r"(?:^|/)p(\d+)/s(\d+)/([^/]+)\.jpg$")
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _ASPECT = 0.01  # relative aspect-ratio difference still taken as the same image, resized
 
 
@@ -117,7 +116,7 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
     has_subject = "subject_id" in table.columns
     rows: dict[str, list[int]] = {}
     for i, dicom in enumerate(table["dicom_id"].str.strip().tolist()):
-        if not _SAFE_ID.fullmatch(dicom):
+        if not importing.SAFE_ID.fullmatch(dicom):
             raise DataError(f"{importing.row_where(csv_path, i)}: dicom_id is {dicom!r}; MS-CXR's are MIMIC-CXR "
                             "dicom_ids such as 02aa804e-bde0afdd-112c0b34-7bc16630-4e384014")
         rows.setdefault(dicom, []).append(i)

@@ -20,7 +20,6 @@ each image is its own patient. train and dev images are told apart by their pool
 
 from __future__ import annotations
 
-import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from g2d.data import importing
@@ -30,7 +29,6 @@ POOLS = ("train", "dev")
 COLUMNS = ("image_name", "annotation")
 LABEL = "foreign_object"
 KINDS = {"0": "rectangle", "1": "ellipse", "2": "polygon"}
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def parse_annotation(text: str, where: str) -> list[tuple[str, tuple[float, ...]]]:
@@ -86,7 +84,7 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
             seen[name] = where
             shapes = parse_annotation(annotation, where)
             image = src / pool / name
-            item_id = f"{pool}-{_UNSAFE.sub('_', PurePosixPath(name).stem)}"
+            item_id = f"{pool}-{importing.safe_id(PurePosixPath(name).stem)}"
             items.append(importing.Item(
                 id=item_id, image=image, patient_id=item_id, pool=pool, where=where, source_id=name,
                 labels={LABEL: int(bool(shapes))}, mask="shapes", shapes=shapes,
