@@ -222,13 +222,13 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
             worker_drops["boxes with zero width or height (left out of boxes and masks)"] += row["dropped_boxes"]
     listed = len(items) + len(missing) + sum(dropped.values())  # every image the source's tables name
     dropped.update(worker_drops)
+    attempted = len(items) + len(missing)
     report = {"source": source.name, "src": str(src.resolve()), "protocol": protocol.record(),
               "listed": listed, "dropped": dict(sorted(dropped.items())),
-              "attempted": len(items) + len(missing), "failed": len(failures), "failures": failures,
+              "attempted": attempted, "failed": len(failures), "failures": failures,
               "max_failures": options.max_failures}
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    attempted = len(items) + len(missing)
     if len(failures) > options.max_failures * attempted:
         raise DataError(
             f"{src}: {len(failures)} of {attempted} images failed to import ({len(failures) / attempted:.1%}, more "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from g2d import tracking
 from g2d.config import Params
-from g2d.data import importing, protocols
+from g2d.data import importing
 from g2d.data import manifest as mf
 from g2d.errors import DataError
 from g2d.pipeline import import_sheet
@@ -37,7 +37,7 @@ def check(source: str, protocol: str | None) -> str:
 
 def run(params: Params, source: str, src: Path, out: Path, protocol: str | None = None,
         images: Path | None = None, reports: Path | None = None, reporter: Reporter = silent) -> ImportOutcome:
-    chosen = protocols.load(check(source, protocol))  # fail on a bad name before opening a run
+    chosen = importing.protocol_for(source, protocol)  # fail on a bad name before opening a run
     config = {"source": source, "src": str(Path(src).resolve()), "out": str(Path(out).resolve()),
               "protocol": chosen.label, "importing": params.importing.model_dump(mode="json")}
     with tracking.start_run("data", config=config, uri=params.tracking.uri,
