@@ -242,6 +242,8 @@ def pretrain(
     cfg = _params(params, set_)
     with rich_progress() as reporter:
         outcome = stage.run(cfg, resume=resume, reporter=reporter)
+    if outcome is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return
     r = outcome.metrics["retrieval"]
     typer.echo(f"{outcome.metrics['steps']} steps; val retrieval i2t R@1 {r['i2t_R@1']:.3f} R@10 {r['i2t_R@10']:.3f} "
                f"(chance R@1 {outcome.metrics['retrieval_chance']['R@1']:.4f}); pseudo-mask IoU "

@@ -118,8 +118,11 @@ class Model(Strict):
     decoder_channels: tuple[int, ...] = Field((128, 64, 32, 16, 8), min_length=5, max_length=5)
     text_model: str = Field(
         "minilm", description="'minilm' = the packaged all-MiniLM-L6-v2; 'tiny' = a 2-layer BERT built from config "
-        "(tests); or a Hugging Face name / local path, e.g. emilyalsentzer/Bio_ClinicalBERT"
+        "(tests); 'bert-base-config' = a randomly initialised BERT-base (12 x 768) built from config (benchmarks); "
+        "or a Hugging Face name / local path, e.g. emilyalsentzer/Bio_ClinicalBERT"
     )
+    text_dropout: float | None = Field(None, ge=0, lt=1, description="dropout of the text tower; null = the "
+                                       "model's own (0.1 for BERTs). 0 makes ranks of a DDP run draw no noise")
     text_frozen_layers: int = Field(4, ge=0, description="first N transformer layers (and the embeddings) frozen")
     max_length: int = Field(128, ge=8, le=512, description="report tokens kept (truncation)")
     embed_dim: int = Field(128, ge=8, description="d, the shared embedding size")
@@ -131,6 +134,18 @@ class Model(Strict):
             raise ValueError(f"heads = {self.heads} does not divide embed_dim = {self.embed_dim}; pick heads that "
                              f"divide {self.embed_dim} or an embed_dim divisible by {self.heads}")
         return self
+
+
+class Compute(Strict):
+    """How training uses the hardware. None of it changes the method; precision and memory layout change
+    results only at float-rounding level."""
+
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 adds a GradScaler")
+    channels_last: bool = Field(True, description="NHWC memory layout for the image tower (faster convolutions)")
+    compile: bool = Field(False, description="torch.compile the model (minutes of compilation, then faster steps)")
+    grad_checkpointing: bool = Field(False, description="recompute both towers' activations in the backward pass: "
+                                     "less memory for about a third more compute")
 
 
 class Pretrain(Strict):
@@ -362,6 +377,7 @@ class Params(Strict):
     tracking: Tracking = Tracking()
     synth: Synth = Synth()
     model: Model = Model()
+    compute: Compute = Compute()
     pretrain: Pretrain = Pretrain()
     finetune: Finetune = Finetune()
     matrix: Matrix = Matrix()

@@ -385,6 +385,22 @@ class Run:
         )
 
 
+class Untracked:
+    """Stands in for a Run where nothing may be logged: the ranks other than 0 of a distributed run,
+    which compute the same steps but must not write a second MLflow run."""
+
+    run_id = ""
+    tags: dict[str, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def untracked() -> Iterator[Untracked]:
+    yield Untracked()
+
+
 def _metadataset(
     name: str,
     source: str,

