@@ -571,6 +571,21 @@ def start_run(
             _terminate(client, run.run_id, status)
 
 
+def close_interrupted(run_id: str, *, uri: str | None = None) -> bool:
+    """Mark KILLED a run left RUNNING by a process that died without closing it (kill -9, a lost node):
+    what a resumed job does for the run it continues. False when the run is gone or already closed."""
+    client = _client(tracking_uri(uri))
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+    except Exception as exc:
+        if _not_found(exc):
+            return False
+        raise
+    _terminate(client, run_id, "KILLED")
+    return True
+
+
 def _terminate(client: MlflowClient, run_id: str, status: str) -> None:
     """Best effort: an unreachable store must not hide the body's own exception."""
     try:

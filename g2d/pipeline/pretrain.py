@@ -27,7 +27,7 @@ from g2d.config import Params, dump_yaml, resolve_path, to_dict
 from g2d.data import manifest as mf
 from g2d.data.pairs import Collate, PairDataset, seed_worker
 from g2d.errors import DataError
-from g2d.pipeline import distributed, figures, model_files, runtime
+from g2d.pipeline import distributed, figures, model_files, pretrain_step, runtime
 from g2d.pipeline.pretrain_eval import embed_all, pseudo_mask_quality, recall_at_k
 from g2d.progress import Reporter, silent
 
@@ -123,7 +123,6 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
     runtime.seed_everything(params.seed)
     dev = distributed.device(ctx)
     precision = runtime.precision(compute.precision, dev)
-    layout = torch.channels_last if compute.channels_last else torch.contiguous_format
 
     tokenizer = load_tokenizer(cfg)
     collate = Collate(tokenizer, cfg.max_length)
@@ -139,7 +138,7 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
     sampler = DistributedSampler(train, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=params.seed,
                                  drop_last=True)
 
-    model = G2D(cfg, tokenizer.vocab_size, p.image_size).to(dev, memory_format=layout)
+    model = G2D(cfg, tokenizer.vocab_size, p.image_size).to(dev, memory_format=pretrain_step.layout(compute))
     if compute.grad_checkpointing:
         model.checkpoint_towers()
     step, history = 0, {"pseudo_mask_iou": [], "loss": []}
@@ -147,6 +146,7 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
     # what a checkpoint must agree on to be resumed: the networks, the training recipe, the data
     identity = {**{f"model.{k}": v for k, v in to_dict(cfg).items()},
                 **{f"pretrain.{k}": v for k, v in to_dict(p).items()},
+                **{f"compute.{k}": v for k, v in to_dict(compute).items()},
                 "seed": params.seed, "data_hash": info.get("sha256"), "split_hash": split_hash}
     state = _resumable(ckpt_path, identity) if resume else None
     if state is not None:
@@ -155,10 +155,8 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
     net = distributed.wrap(model, ctx, dev, find_unused=p.dense == "none" or p.dense_warmup_steps > 0)
     if ctx.active:
         runtime.seed_everything(params.seed + ctx.rank)  # dropout noise of its own on every rank
-    trainable = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(p.warmup_steps, total))
-    scaler = runtime.grad_scaler(dev, precision)
+    trainer = pretrain_step.Trainer.build(model, net, p, compute, dev, lr_lambda(p.warmup_steps, total))
+    optimizer, scheduler, scaler = trainer.optimizer, trainer.scheduler, trainer.scaler
     if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
@@ -170,7 +168,6 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
             runtime.set_rng_state(rngs[ctx.rank % len(rngs)])
         except (KeyError, RuntimeError, ValueError) as e:
             raise runtime.CheckpointError(f"{ckpt_path}: incomplete or mismatched checkpoint ({e})") from None
-    step_fn = torch.compile(net) if compute.compile else net
 
     def checkpoint() -> None:
         """Every rank's RNG state goes in (a collective: all ranks call it at the same step)."""
@@ -179,13 +176,17 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
             runtime.save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "rng": rngs,
-                "history": json.dumps(history), "identity": json.dumps(identity)})
+                "history": json.dumps(history), "identity": json.dumps(identity), "run_id": tr.run_id})
 
     tags = {"g2d.split_hash": split_hash, "g2d.seed": str(params.seed), "g2d.resumed_from_step": str(step),
             "g2d.world_size": str(ctx.world), "g2d.precision": precision, **mf.protocol_tags(info.get("protocol"))}
     tracked = (tracking.start_run("pretrain", config=to_dict(params), data_hash=info.get("sha256"), tags=tags,
                                   uri=params.tracking.uri, system_metrics=True) if ctx.main else tracking.untracked())
     with tracked as tr:
+        interrupted = state.get("run_id") if state is not None else None
+        if ctx.main and interrupted:  # the run this one continues, left RUNNING if its process was killed
+            tracking.close_interrupted(interrupted, uri=params.tracking.uri)
+            tr.set_tag("g2d.resumes_run", interrupted)
         tr.log_dataset("synthcxr-pretrain", source=str(data_dir / mf.MANIFEST), digest=info.get("sha256", ""),
                        context="training", profile={"train": len(train), "val": len(val)})
         eval_rows = list(range(min(p.eval_images, len(val))))
@@ -210,10 +211,7 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                                 generator=torch.Generator().manual_seed(params.seed * 1000 + epoch))
             net.train()
             for batch in loader:
-                images = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=layout)
-                with runtime.autocast(dev, precision):
-                    losses = step_fn(images, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), p,
-                                     dense_on=step >= p.dense_warmup_steps)
+                losses = trainer.losses(batch, p, dense_on=step >= p.dense_warmup_steps)
                 # each rank's loss is over its share of the batch: the logged loss is the global batch's
                 values = distributed.mean(ctx, {k: float(v.detach()) for k, v in (
                     ("total", losses.total), ("global", losses.global_), ("dense", losses.dense))})
@@ -221,13 +219,7 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                     raise DataError(f"pre-training loss is {values['total']} at step {step + 1}; batch ids "
                                     f"{batch['id'][:8]}; lower pretrain.lr or check these images")
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses.total).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+                trainer.update(losses.total, p.grad_clip)
                 step += 1
                 seen += len(batch["id"]) * ctx.world
                 advance(1)
