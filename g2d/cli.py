@@ -273,6 +273,8 @@ def train(
     cfg = _params(params, set_)
     with rich_progress() as reporter:
         outcome = finetune.run(cfg, task=task, frac=frac, init=init, seed=seed, reporter=reporter)
+    if outcome is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return
     m = outcome.metrics
     typer.echo(f"{m['task']} {m['frac']:.0%} labels ({m['train_images']} images), init {m['init']}: test "
                f"{m['metric']} {m['score']:.4f}  (best val {m['val_best']:.4f} at step {m['best_step']}/{m['steps']})")
@@ -399,6 +401,47 @@ def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
     cfg = _params(params, set_)
     outcome = stage.run(cfg)
     typer.echo(f"{outcome.cells} results -> {outcome.markdown}, {outcome.figure}  (MLflow run {outcome.run_id})")
+
+
+@app.command("bench")
+@handles_errors
+def bench(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    batch: Annotated[int, typer.Option("--batch", min=2, help="pairs per step (paper: 128 on a GPU)")] = 8,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="timed steps per variant and round")] = 2,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="interleaved rounds (drifting load hits all "
+                                        "variants alike)")] = 2,
+    image_size: Annotated[int, typer.Option("--image-size", min=32, help="training resolution")] = 224,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="dataloader processes timed")] = 2,
+    loader_batches: Annotated[int, typer.Option("--loader-batches", min=1, help="batches the loader is timed "
+                                                "on")] = 20,
+    model: Annotated[str, typer.Option("--model", help="paper: ResNet-50 + BERT-base-sized text tower; params: "
+                                       "the networks of params.yaml")] = "paper",
+    flops: Annotated[bool, typer.Option("--flops/--no-flops", help="count FLOPs per step (model FLOPs "
+                                        "utilisation on a GPU)")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this JSON file")] = None,
+) -> None:
+    """Time this implementation's pre-training step against the authors' way of training the same model, and
+    against the global-only step; the dataloader's rate; peak memory."""
+    import json
+
+    from g2d.errors import ConfigError
+    from g2d.pipeline import bench as stage
+    from g2d.progress import rich_progress
+
+    if model not in ("paper", "params"):
+        raise ConfigError(f"--model {model!r}: use 'paper' or 'params'")
+    cfg = _params(params, set_)
+    with rich_progress() as reporter:
+        result = stage.run(cfg, batch=batch, steps=steps, rounds=rounds, image_size=image_size, workers=workers,
+                           loader_batches=loader_batches, paper_model=model == "paper", count_flops=flops,
+                           reporter=reporter)
+    typer.echo(stage.table(result))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        typer.echo(f"figures -> {json_out}")
 
 
 # ---------------------------------------------------------------- models
