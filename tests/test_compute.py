@@ -32,7 +32,10 @@ def _batch(tokenizer, n=4):
     return {"image": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
-def _grads(model: G2D, batch: dict, compute: Compute, dev=torch.device("cpu")) -> tuple[float, dict]:
+CPU = torch.device("cpu")
+
+
+def _grads(model: G2D, batch: dict, compute: Compute, dev: torch.device = CPU) -> tuple[float, dict]:
     model = model.to(dev, memory_format=pretrain_step.layout(compute)).train()
     trainer = pretrain_step.Trainer.build(model, model, Pretrain(image_size=SIZE, batch_size=4), compute, dev,
                                           lambda s: 1.0)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from g2d.config import load_params
+from g2d.errors import ConfigError
 from g2d.pipeline import distributed, pretrain
 from tests.conftest import tiny_synthcxr_project
 
@@ -69,7 +70,8 @@ def test_two_ranks_compute_the_gradient_of_one_process_holding_the_global_batch(
 def test_two_ranks_train_like_one_rank_with_the_same_global_batch(project, monkeypatch):
     uri = f"sqlite:///{project / 'mlflow.db'}"
     g2d = shutil.which("g2d") or str(Path(sys.executable).with_name("g2d"))
-    sets = [a for s in [*SAME_RECIPE, "pretrain.name=two-ranks", "pretrain.register_as=two-ranks"] for a in ("--set", s)]
+    sets = [a for s in [*SAME_RECIPE, "pretrain.name=two-ranks", "pretrain.register_as=two-ranks"]
+            for a in ("--set", s)]
     _torchrun("--no-python", g2d, "pretrain", *sets, cwd=project,
               env={"MLFLOW_TRACKING_URI": uri})
 
@@ -92,14 +94,15 @@ def test_two_ranks_train_like_one_rank_with_the_same_global_batch(project, monke
     # rank 0 alone logged and wrote: one run for the two ranks, and it says how many there were
     from mlflow import MlflowClient
 
-    tags = [r.data.tags for e in MlflowClient(uri).search_experiments()
-            for r in MlflowClient(uri).search_runs([e.experiment_id]) if r.data.params.get("pretrain.name") == "two-ranks"]
+    client = MlflowClient(uri)
+    tags = [r.data.tags for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.params.get("pretrain.name") == "two-ranks"]
     assert [t["g2d.world_size"] for t in tags] == ["2"]
 
 
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused():
     ctx = distributed.Context(rank=0, world=3)
-    with pytest.raises(Exception, match=r"pretrain.batch_size = 8 does not split over 3 processes; use a multiple of 3"):
+    with pytest.raises(ConfigError, match=r"pretrain.batch_size = 8 does not split over 3 processes; use a multiple"):
         ctx.shard(8, "pretrain.batch_size")
 
 
