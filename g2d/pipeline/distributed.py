@@ -79,7 +79,9 @@ def mean(ctx: Context, values: dict[str, float]) -> dict[str, float]:
     """The mean over ranks of per-rank values (each rank's loss is over its own share of the batch)."""
     if not ctx.active:
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    # NCCL reduces CUDA tensors only ("No backend type associated with device type cpu"); gloo takes CPU ones
+    where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=where)
     dist.all_reduce(t)
     return dict(zip(values, (t / ctx.world).tolist(), strict=True))
 

@@ -5,6 +5,14 @@ to MLflow and registers the model as `g2d-<task>`. `evaluate` scores a registere
 
 Every input is checked (task, fraction, init, data) before a run is opened, so a bad input leaves
 neither a run nor a registered version behind.
+
+One process, or several under torchrun (`torchrun --nproc-per-node N --no-python g2d train ...`; DDP,
+g2d/pipeline/distributed.py): the task's batch size is the global batch, each rank trains on its share
+of every step's rows (g2d/pipeline/downstream/fit.py), so the steps and the result do not depend on the
+number of processes. Rank 0 alone loads val and test, validates, decides when to stop, scores the test
+split, writes the metrics file and figures, and logs and registers (one MLflow run, tagged
+g2d.world_size); the other ranks train, wait at a barrier and return None. `compute` applies as in
+pre-training: autocast precision (auto = bf16 on CUDA, fp32 on CPU) and channels_last.
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ from g2d.config import Params, resolve_path, to_dict
 from g2d.data import labelled, tasks
 from g2d.data import manifest as mf
 from g2d.errors import ConfigError
-from g2d.pipeline import initialisation, metrics_files, model_files, runtime
+from g2d.pipeline import distributed, initialisation, metrics_files, model_files, runtime
 from g2d.pipeline.downstream import classification, detection, segmentation
-from g2d.pipeline.downstream.fit import TrainingError
+from g2d.pipeline.downstream.fit import Setup, TrainingError
 from g2d.progress import Reporter, silent
 
 FAMILIES = {"segmentation": segmentation, "classification": classification, "detection": detection}
@@ -67,18 +75,39 @@ def parse_frac(text: str | float) -> float:
     return frac
 
 
-def _load_data(spec, folder: Path, image_size: int, train_ids: list[str], reporter: Reporter):
+def _load_data(spec, folder: Path, image_size: int, train_ids: list[str], reporter: Reporter,
+               splits: tuple[str, ...] = ("train", "val", "test")):
     df = mf.read_manifest(folder)
     counts = {"train": len(train_ids), **{s: int((df["split"] == s).sum()) for s in ("val", "test")}}
-    advance = reporter.task(f"load {spec.name} images", sum(counts.values()))
+    advance = reporter.task(f"load {spec.name} images", sum(counts[s] for s in splits))
     return {split: labelled.load_split(folder, df, split, spec, image_size,
                                        ids=train_ids if split == "train" else None, progress=advance)
-            for split in ("train", "val", "test")}
+            for split in splits}
 
 
 def run(params: Params, task: str | None = None, frac: float | str = 0.01, init: str | None = None,
-        seed: int | None = None, reporter: Reporter = silent) -> FinetuneOutcome:
-    ft = params.finetune
+        seed: int | None = None, reporter: Reporter = silent) -> FinetuneOutcome | None:
+    """Fine-tune, test, write, log and register. Under torchrun every rank trains its share of each batch
+    and only rank 0 does the rest and returns the outcome (the others return None)."""
+    ctx = distributed.from_environment()
+    try:
+        return _run(params, ctx, task, frac, init, seed, reporter if ctx.main else silent)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def check_shares(ctx: distributed.Context, spec, ft, n_train: int) -> None:
+    """The task's global batch must split evenly over the ranks; a train set smaller than it is the batch
+    (its shares may then differ by one row, which fit.py weights) but must give every rank a row."""
+    ctx.shard(_recipe(spec, ft).batch_size, f"finetune.{_section(spec)}.batch_size")
+    if n_train < ctx.world:
+        raise ConfigError(f"{spec.name}: {n_train} train image(s) cannot be shared by {ctx.world} processes (each "
+                          "needs at least one); use a larger --frac or fewer processes")
+
+
+def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float | str, init: str | None,
+         seed: int | None, reporter: Reporter) -> FinetuneOutcome | None:
+    ft, compute = params.finetune, params.compute
     spec = tasks.get(task or ft.task)
     frac = parse_frac(frac)
     init = init or ft.init
@@ -87,10 +116,13 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
     folder = tasks.dataset_folder(spec, params, root)
     df = mf.read_manifest(folder)
     chosen = labelled.fraction(folder, df, frac)
+    check_shares(ctx, spec, ft, len(chosen.ids))
     start = initialisation.resolve(init, params, root)
     family = FAMILIES[spec.kind]
-    dev = runtime.device()
-    data = {s: d.to(dev) for s, d in _load_data(spec, folder, ft.image_size, chosen.ids, reporter).items()}
+    dev = distributed.device(ctx)
+    setup = Setup(ctx, dev, runtime.precision(compute.precision, dev), compute.channels_last)
+    splits = ("train", "val", "test") if ctx.main else ("train",)  # rank 0 alone validates and tests
+    data = {s: d.to(dev) for s, d in _load_data(spec, folder, ft.image_size, chosen.ids, reporter, splits).items()}
     info = mf.read_info(folder)
     data_hash = info.get("sha256") or mf.dataset_hash(folder)
 
@@ -100,7 +132,7 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
               "image_size": ft.image_size, "init": start.name, "init_source": start.source,
               "init_sha256": start.sha256, "init_dense": start.dense, "frac": frac, "seed": seed,
               "data_hash": data_hash, "fraction_sha256": chosen.sha256}
-    net = family.wrap(unet, spec, ft, config).to(dev)
+    net = family.wrap(unet, spec, ft, config).to(dev, memory_format=setup.layout)
     encoder_before = {k: v.clone() for k, v in unet.encoder.state_dict().items()}
 
     run_info = {"task": spec.name, "kind": spec.kind, "frac": frac, "init": start.name, "seed": seed,
@@ -108,16 +140,21 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
     tags = {"g2d.task": spec.name, "g2d.frac": frac_label(frac), "g2d.init": start.name,
             "g2d.init_source": start.source, "g2d.init_sha256": start.sha256, "g2d.seed": str(seed),
             "g2d.fraction_sha256": chosen.sha256, "g2d.fraction_source": chosen.source,
+            "g2d.world_size": str(ctx.world), "g2d.precision": setup.precision,
             **mf.protocol_tags(info.get("protocol"))}
     out_path = metrics_path(params, spec.name, frac, start.name, seed)
-    with tracking.start_run("finetune", config={**to_dict(params), "run": run_info}, data_hash=data_hash,
-                            tags=tags, uri=params.tracking.uri) as tr:
+    tracked = (tracking.start_run("finetune", config={**to_dict(params), "run": run_info}, data_hash=data_hash,
+                                  tags=tags, uri=params.tracking.uri) if ctx.main else tracking.untracked())
+    with tracked as tr:
         tr.log_dataset(f"{spec.name}-{folder.name}", source=str(folder / mf.MANIFEST), digest=data_hash,
                        context="training", profile={s: len(d) for s, d in data.items()},
                        tags={"fraction": frac_label(frac), "fraction_sha256": chosen.sha256})
         recipe = _recipe(spec, ft)
         advance = reporter.task(f"fine-tune {spec.name} {frac:.0%} labels, init {start.name}", recipe.max_steps)
-        result = family.fit(net, data, spec, ft, seed, advance, tr.log_metrics)
+        result = family.fit(net, data, spec, ft, seed, advance, tr.log_metrics, setup)
+        if not ctx.main:
+            distributed.barrier(ctx)  # rank 0 tests, writes and registers
+            return None
         test = family.evaluate(net, data["test"], spec, config)
         frozen = _frozen_encoder(spec, ft)
         if frozen:  # the paper's frozen protocol, checked rather than assumed
@@ -151,12 +188,19 @@ def run(params: Params, task: str | None = None, frac: float | str = 0.01, init:
             model_dir = model_files.save_folder(net, Path(tmp) / "model", {**config, "metrics": test}, card)
             version = tracking.register_model_dir(tr, model_dir, name,
                                                   description=f"{spec.paper}; init {start.name}, {frac:.0%} labels")
-        return FinetuneOutcome(metrics, out_path, tr.run_id, name, version)
+        outcome = FinetuneOutcome(metrics, out_path, tr.run_id, name, version)
+    distributed.barrier(ctx)
+    return outcome
+
+
+def _section(spec) -> str:
+    """The params section of the task family's recipe."""
+    return {"segmentation": "segmentation", "classification": "probe", "detection": "detection"}[spec.kind]
 
 
 def _recipe(spec, ft):
     """The task family's training params: finetune.segmentation, .probe or .detection."""
-    return {"segmentation": ft.segmentation, "classification": ft.probe, "detection": ft.detection}[spec.kind]
+    return getattr(ft, _section(spec))
 
 
 def _frozen_encoder(spec, ft) -> bool:
@@ -227,7 +271,8 @@ def evaluate(params: Params, task: str | None, model: str, reporter: Reporter = 
     advance = reporter.task(f"load {spec.name} test images", int((df["split"] == "test").sum()))
     dev = runtime.device()
     test = labelled.load_split(folder, df, "test", spec, int(config["image_size"]), progress=advance).to(dev)
-    net = net.to(dev)
+    layout = torch.channels_last if params.compute.channels_last else torch.contiguous_format
+    net = net.to(dev, memory_format=layout)  # as `run` scored it
     info = mf.read_info(folder)
     data_hash = info.get("sha256") or mf.dataset_hash(folder)
     tags = {"g2d.task": spec.name, "g2d.model": source, **mf.protocol_tags(info.get("protocol"))}

@@ -45,19 +45,24 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, spec: TaskSpec) -> dict:
 
 
 def fit(net: LinearProbe, data: dict[str, LabelledSplit], spec: TaskSpec, cfg: Finetune, seed: int,
-        advance, log) -> loop.FitResult:
-    train, val = data["train"], data["val"]
-    features = {name: loop.in_batches(net.features, split.images) for name, split in (("train", train), ("val", val))}
+        advance, log, setup: loop.Setup = loop.SINGLE) -> loop.FitResult:
+    """`data["val"]` is needed on rank 0 only (the rank that validates)."""
+    train, val = data["train"], data.get("val")
+    # the frozen encoder's features, once: each rank computes its share of the rows and all get them all
+    features = loop.on_shares(net.features, train.images, setup.ctx)
     if len(train) > 1:  # one image has no spread to standardise by
-        net.set_standardisation(features["train"])
+        net.set_standardisation(features)
+    standardised = (features - net.mean) / net.std  # what `classify` feeds the head, row by row
+    head = setup.wrap(net.head)  # the only trainable part
+    val_features = loop.in_batches(net.features, val.images) if val is not None else None
 
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
-        return _loss(net.classify(features["train"][idx]), train.labels[idx], spec.multiclass)
+        return _loss(head(standardised[idx]), train.labels[idx], spec.multiclass)
 
     def validate() -> float:
-        return scores(net.classify(features["val"]), val.labels, spec)[spec.metric]
+        return scores(net.classify(val_features), val.labels, spec)[spec.metric]
 
-    return loop.fit(net, len(train), cfg.probe, seed, step_loss, validate, advance, log)
+    return loop.fit(net, len(train), cfg.probe, seed, step_loss, validate, advance, log, setup)
 
 
 def evaluate(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict) -> dict:

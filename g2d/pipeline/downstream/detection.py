@@ -37,18 +37,22 @@ def _targets(split: LabelledSplit, idx: list[int]) -> list[dict]:
 
 
 def fit(net: nn.Module, data: dict[str, LabelledSplit], spec: TaskSpec, cfg: Finetune, seed: int,
-        advance, log) -> loop.FitResult:
-    train, val = data["train"], data["val"]
+        advance, log, setup: loop.Setup = loop.SINGLE) -> loop.FitResult:
+    """`data["val"]` is needed on rank 0 only (the rank that validates)."""
+    train, val = data["train"], data.get("val")
+    # every trainable parameter is reached every step: a share without any box still runs the box-regression
+    # loss (over no anchors: a zero gradient, not none), checked with 2 ranks on shares of 2 images
+    trained = setup.wrap(net)
 
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
         rows = idx.tolist()
-        losses = net(list(train.images[rows]), _targets(train, rows))
+        losses = trained(list(train.images[rows]), _targets(train, rows))
         return sum(losses.values())
 
     def validate() -> float:
         return evaluate(net, val, spec, {"detections_per_image": cfg.detection.detections_per_image})["map"]
 
-    return loop.fit(net, len(train), cfg.detection, seed, step_loss, validate, advance, log)
+    return loop.fit(net, len(train), cfg.detection, seed, step_loss, validate, advance, log, setup)
 
 
 @torch.no_grad()

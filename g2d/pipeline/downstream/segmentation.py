@@ -37,17 +37,19 @@ def uses_decoder(cfg: Finetune) -> bool:
 
 
 def fit(net: SegmentationNet, data: dict[str, LabelledSplit], spec: TaskSpec, cfg: Finetune, seed: int,
-        advance, log) -> loop.FitResult:
-    train, val, threshold = data["train"], data["val"], cfg.segmentation.threshold
+        advance, log, setup: loop.Setup = loop.SINGLE) -> loop.FitResult:
+    """`data["val"]` is needed on rank 0 only (the rank that validates)."""
+    train, val, threshold = data["train"], data.get("val"), cfg.segmentation.threshold
     loss_fn = DenseLoss()
+    trained = setup.wrap(net)  # every trainable part gets a gradient every step
 
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
-        return loss_fn(net(train.images[idx]), train.masks[idx])
+        return loss_fn(trained(setup.images(train.images[idx])), train.masks[idx])
 
     def validate() -> float:
         return segmentation_scores(probabilities(net, val), val.masks, threshold)["dice"]
 
-    return loop.fit(net, len(train), cfg.segmentation, seed, step_loss, validate, advance, log)
+    return loop.fit(net, len(train), cfg.segmentation, seed, step_loss, validate, advance, log, setup)
 
 
 def probabilities(net: nn.Module, split: LabelledSplit) -> torch.Tensor:

@@ -1,0 +1,141 @@
+"""Distributed fine-tuning: `g2d train` under torchrun with 2 ranks (gloo, CPU) trains like one process with
+the same global batch, and rank 0 alone logs, writes and registers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from g2d.config import load_params
+from g2d.errors import ConfigError
+from g2d.pipeline import distributed, finetune
+from tests.conftest import tiny_synthcxr_project
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+# The whole U-Net trains (encoder unfrozen: its batch norms run over the global batch across the ranks), a
+# fresh head that starts at half foreground (so the val Dice moves from step 1 instead of sitting at the
+# all-empty 0.5), validated every step with patience 1: the val Dice falls at step 6 of 8 and both jobs stop
+# there, early, the 2-rank one on rank 0's broadcast decision. A global batch of 4 (2 rows per rank).
+RECIPE = ["finetune.segmentation.freeze_encoder=false", "finetune.segmentation.prior=0.5",
+          "finetune.segmentation.batch_size=4", "finetune.segmentation.max_steps=8",
+          "finetune.segmentation.eval_every=1", "finetune.segmentation.patience=1"]
+
+
+def _torchrun(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args], cwd=cwd, env={**{k: v for k, v in os.environ.items() if not k.startswith("DVC_")},
+                                                "OMP_NUM_THREADS": "1", **env},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mlflow_template_db) -> Path:
+    """SynthCXR rendered at params.tiny.yaml, no pre-training (the runs start from a random init)."""
+    root = tmp_path_factory.mktemp("ddp-finetune") / "project"
+    tiny_synthcxr_project(root)
+    shutil.copyfile(mlflow_template_db, root / "mlflow.db")
+    return root
+
+
+def _runs(uri: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get("g2d.task") == "siim-seg"]
+
+
+def _curve(uri: str, run, key: str) -> list[float]:
+    from mlflow import MlflowClient
+
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, key)
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def test_two_ranks_fine_tune_like_one_process_with_the_same_global_batch(project, monkeypatch):
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    g2d = shutil.which("g2d") or str(Path(sys.executable).with_name("g2d"))
+    sets = [a for s in RECIPE for a in ("--set", s)]
+    done = _torchrun("--no-python", g2d, "train", "--task", "siim-seg", "--frac", "1.0", "--init", "random", *sets,
+                     cwd=project, env={"MLFLOW_TRACKING_URI": uri})
+    assert done.stdout.count("registered g2d-siim-seg version 1") == 1  # rank 0 reports, rank 1 stays quiet
+    path = project / "metrics" / "finetune" / "siim-seg_1.0_random.json"
+    two = json.loads(path.read_text())
+
+    monkeypatch.chdir(project)
+    for var in ("MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    one = finetune.run(load_params(project / "params.yaml", RECIPE), task="siim-seg", frac=1.0, init="random").metrics
+
+    # the same steps and the same early-stopping decision
+    assert (two["steps"], two["best_step"], two["stopped_early"]) == (one["steps"], one["best_step"], True)
+    assert one["steps"] < 8
+    runs = {r.data.tags["g2d.world_size"]: r for r in _runs(uri)}
+    assert sorted(runs) == ["1", "2"]  # exactly one run from the 2-rank job, tagged with its world size
+    # The same curves up to rounding. Measured (2 cores, CPU): train loss within 2.8e-5 relative, val Dice within
+    # 3.3e-4 absolute (out of ~0.04), test Dice within 1e-6. The 2 ranks sum the batch-norm statistics and
+    # average the gradients in another order than one process (~1e-7 relative per step); Adam's first steps
+    # (update ~ lr * sign(g)) and the unfrozen encoder's batch norms amplify that to ~1e-5 in the loss, and the
+    # Dice thresholds probabilities, so a pixel near 0.5 flips. The tolerances are ~7x and ~6x those gaps.
+    # Batch norm over each rank's 2 rows instead of the global 4 (measured too) moves the loss by 1e-4 to 3e-4
+    # relative and the val Dice by 2.6e-3, and stops a step earlier: this test fails on it.
+    for key, tolerance in (("train/loss", {"rel": 2e-4}), ("val/score", {"abs": 2e-3})):
+        a, b = _curve(uri, runs["2"], key), _curve(uri, runs["1"], key)
+        assert len(a) == len(b) == one["steps"], key
+        assert a == pytest.approx(b, **tolerance), key
+    assert two["score"] == pytest.approx(one["score"], abs=2e-3)
+    assert two["val_best"] == pytest.approx(one["val_best"], abs=2e-3)
+
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(tracking_uri=uri).search_model_versions("name='g2d-siim-seg'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert [v.run_id for v in versions if v.run_id == runs["2"].info.run_id] == [runs["2"].info.run_id]
+
+
+def test_uneven_shares_of_a_small_train_set_train_like_one_process(tmp_path):
+    """The loop alone (tests/scripts/ddp_fit.py): 5 rows, a batch of 8 (the train set is the batch), shares of 3
+    and 2 rows weighted 6/5 and 4/5, a batch norm over the global batch, early stopping on rank 0. Measured:
+    weights within 1.5e-7 relative, losses within 8e-8; without the weights the losses differ by 0.28."""
+    done = _torchrun(str(SCRIPTS / "ddp_fit.py"), cwd=tmp_path, env={})
+    lines = [line.split() for line in done.stdout.splitlines() if line.startswith("rank")]
+    assert sorted(int(x[1]) for x in lines) == [0, 1]
+    for x in lines:
+        rank, steps, best, stopped = int(x[1]), x[3:5], x[6:8], x[9:11]
+        assert steps[0] == steps[1] and stopped == ["True", "True"]  # every rank stopped where one process did
+        assert float(x[14]) < 1e-5  # the logged loss: the global batch's
+        if rank == 0:  # rank 0 restored the best weights the one process restored
+            assert best[0] == best[1] and float(x[12]) < 1e-5
+
+
+@pytest.mark.parametrize(("task", "key", "size"), [("siim-seg", "finetune.segmentation.batch_size", 4),
+                                                   ("chexpert-cls", "finetune.probe.batch_size", 256),
+                                                   ("rsna-det", "finetune.detection.batch_size", 4)])
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(project, monkeypatch, task, key, size):
+    """Before any data is loaded or a run opened: rank 0 of 3 (no process group is needed to refuse)."""
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'refused.db'}")
+    monkeypatch.setattr(distributed, "from_environment", lambda: distributed.Context(rank=0, world=3))
+    with pytest.raises(ConfigError, match=rf"{key} = {size} does not split over 3 processes; use a multiple of 3"):
+        finetune.run(load_params(project / "params.yaml"), task=task, frac=1.0, init="random")
+    assert not (project / "refused.db").exists()
+
+
+def test_a_train_set_smaller_than_the_world_is_refused(project, monkeypatch):
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'refused.db'}")
+    monkeypatch.setattr(distributed, "from_environment", lambda: distributed.Context(rank=0, world=32))
+    params = load_params(project / "params.yaml", ["finetune.segmentation.batch_size=32"])
+    with pytest.raises(ConfigError, match=r"siim-seg: 16 train image\(s\) cannot be shared by 32 processes"):
+        finetune.run(params, task="siim-seg", frac=1.0, init="random")
+    assert not (project / "refused.db").exists()
