@@ -146,6 +146,9 @@ class Compute(Strict):
     compile: bool = Field(False, description="torch.compile the model (minutes of compilation, then faster steps)")
     grad_checkpointing: bool = Field(False, description="recompute both towers' activations in the backward pass: "
                                      "less memory for about a third more compute")
+    text_length_groups: int = Field(4, ge=1, description="the text tower runs a batch's reports sorted by length "
+                                    "in this many groups, each padded to its own longest (1: one batch padded to "
+                                    "its longest); the outputs are the same")
 
 
 class Pretrain(Strict):

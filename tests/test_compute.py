@@ -114,3 +114,21 @@ def test_compiled_step_on_cuda_matches_eager(tokenizer):
     loss_compiled, grads_compiled = _grads(copy.deepcopy(model), batch, Compute(precision="fp32", compile=True), dev)
     assert loss_compiled == pytest.approx(loss_eager, rel=1e-3)
     _close(grads_eager, grads_compiled, 1e-2)
+
+
+def test_length_groups_leave_every_report_embedding_unchanged(tokenizer):
+    """Running the reports in length-sorted groups, each padded to its own longest, changes no output."""
+    from g2d.model.towers import TextTower
+
+    torch.manual_seed(0)
+    tower = TextTower(TINY, tokenizer.vocab_size).train()
+    reports = ["no acute findings", "small left effusion with adjacent atelectasis at the left base",
+               "enlarged heart", "right upper lobe opacity, possibly pneumonia; follow up advised", "normal", "a b c"]
+    tokens = tokenizer(reports, padding="longest", return_tensors="pt")
+    whole = tower(tokens["input_ids"], tokens["attention_mask"]).tokens
+    tower.length_groups = 3
+    grouped = tower(tokens["input_ids"], tokens["attention_mask"]).tokens
+    keep = tokens["attention_mask"].bool()
+    assert torch.allclose(whole[keep], grouped[keep], atol=1e-5)
+    grouped[keep].sum().backward()  # gradients flow back through the regrouping
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters())

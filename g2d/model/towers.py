@@ -78,6 +78,7 @@ class TextTower(nn.Module):
     activations are kept and the backward pass runs through them. Only `g2d bench` sets it."""
 
     track_frozen = False
+    length_groups = 1  # set from compute.text_length_groups by the training stages
 
     def __init__(self, cfg: Model, vocab_size: int) -> None:
         super().__init__()
@@ -121,5 +122,20 @@ class TextTower(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
-        return TextOutput(out.last_hidden_state, attention_mask)
+        groups = min(self.length_groups, len(input_ids))
+        if groups <= 1:
+            return TextOutput(self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+                              attention_mask)
+        # reports sorted by length and run in groups, each padded to its own longest: the padding a batch
+        # carries (to its longest report) mostly disappears, and no token's output changes (each report
+        # is computed on its own; the padding is masked out of attention)
+        lengths = attention_mask.sum(1)
+        out = None
+        for rows in torch.argsort(lengths).chunk(groups):
+            longest = int(lengths[rows].max())
+            hidden = self.bert(input_ids=input_ids[rows, :longest],
+                               attention_mask=attention_mask[rows, :longest]).last_hidden_state
+            if out is None:
+                out = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
+            out = out.index_put((rows,), torch.nn.functional.pad(hidden, (0, 0, 0, input_ids.shape[1] - longest)))
+        return TextOutput(out, attention_mask)

@@ -4,8 +4,9 @@ Three ways of training the same G2D network on the same pre-training pairs, time
 rounds (so drifting machine load hits all of them alike):
 
 - `g2d`:     this implementation (the `pretrain` stage's step: `pretrain_step.Trainer`): reports padded
-             to the batch's longest, frozen text layers recorded by no autograd graph, channels_last,
-             precision from `compute` (bf16 on CUDA, fp32 on CPU);
+             to the longest of their length group (`compute.text_length_groups`), frozen text layers
+             recorded by no autograd graph, channels_last, precision from `compute` (bf16 on CUDA, fp32
+             on CPU);
 - `global`:  the same without the dense task (dense = none): what the pseudo segmentation costs;
 - `authors`: the training the authors' released code does: every report padded to 256 tokens, frozen
              layers still tracked by autograd (their activations kept, the backward pass runs through
@@ -171,6 +172,7 @@ def _trainer(v: Variant, cfg: Model, params: Params, image_size: int, batch: int
                else params.compute.model_copy(update={"compile": False}))
     model = G2D(cfg, vocab, image_size).to(dev, memory_format=pretrain_step.layout(compute))
     model.text.track_frozen = v.authors
+    model.text.length_groups = 1 if v.authors else compute.text_length_groups
     if params.compute.grad_checkpointing and not v.authors:
         model.checkpoint_towers()
     recipe = params.pretrain.model_copy(update={"batch_size": batch})

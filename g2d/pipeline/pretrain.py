@@ -139,6 +139,7 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                                  drop_last=True)
 
     model = G2D(cfg, tokenizer.vocab_size, p.image_size).to(dev, memory_format=pretrain_step.layout(compute))
+    model.text.length_groups = compute.text_length_groups
     if compute.grad_checkpointing:
         model.checkpoint_towers()
     step, history = 0, {"pseudo_mask_iou": [], "loss": []}
