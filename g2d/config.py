@@ -29,6 +29,7 @@ class Paths(Strict):
     synthcxr: str = Field("datasets/synthcxr", description="rendered SynthCXR (a DVC stage output)")
     metrics: str = Field("metrics", description="small JSON metrics that DVC tracks")
     models: str = Field("models", description="checkpoints and exported models (DVC stage outputs)")
+    packs: str = Field("packs", description="image packs for pre-training (pretrain.pack), rebuilt when stale")
 
 
 class Tracking(Strict):
@@ -171,6 +172,9 @@ class Pretrain(Strict):
     dense_warmup_steps: int = Field(30, ge=0, description="steps of global alignment alone before the dense loss")
     pseudo_mask: PseudoMask = PseudoMask()
     augment: bool = Field(True, description="random resized crop and small rotation of training images")
+    pack: bool = Field(False, description="read images from a pack (the manifest's images resized once to "
+                       "image_size, one .npy file under paths.packs; built on first use) instead of decoding "
+                       "PNGs: about 4x faster reads, the same pixels")
     num_workers: int = Field(0, ge=0, description="dataloader processes (they also tokenise)")
     log_every: int = Field(10, ge=1, description="steps between logged losses")
     grid_every: int = Field(85, ge=1, description="steps between logged attention / pseudo-mask grids")

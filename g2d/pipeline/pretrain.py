@@ -126,8 +126,9 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
 
     tokenizer = load_tokenizer(cfg)
     collate = Collate(tokenizer, cfg.max_length)
-    train = PairDataset(data_dir, "train", p.image_size, augment=p.augment, seed=params.seed)
-    val = PairDataset(data_dir, "val", p.image_size, with_masks=True)
+    packed = _pack(params, data_dir, info, ctx, reporter) if p.pack else None
+    train = PairDataset(data_dir, "train", p.image_size, augment=p.augment, seed=params.seed, packed=packed)
+    val = PairDataset(data_dir, "val", p.image_size, with_masks=True, packed=packed)
     split_hash = hashlib.sha256("\n".join(sorted(train.rows["id"])).encode()).hexdigest()
     if len(train) < p.batch_size:
         raise DataError(f"{data_dir}: {len(train)} training pairs, fewer than pretrain.batch_size = {p.batch_size}")
@@ -250,6 +251,24 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                           steps_per_epoch, len(train), dev, tr, out, metrics_path)
     distributed.barrier(ctx)
     return outcome
+
+
+def _pack(params: Params, data_dir: Path, info: dict, ctx, reporter: Reporter) -> Path:
+    """The dataset's images resized to the training size in one file (g2d/data/packed.py), named after the
+    dataset's hash and the size, so a stale pack is never found; rank 0 builds it, the others wait."""
+    from g2d.data.packed import PackedImages, pack_manifest
+
+    size = params.pretrain.image_size
+    name = f"{(info.get('sha256') or 'unhashed')[:16]}-{size}.npy"
+    path = resolve_path(tracking.project_root(), params.paths.packs) / name
+    with distributed.main_first(ctx):
+        if ctx.main:
+            try:
+                PackedImages.open(path, data_dir, list(mf.read_manifest(data_dir)["image"]), size)
+            except DataError:  # absent or stale: (re)build it
+                rows = len(mf.read_manifest(data_dir))
+                pack_manifest(data_dir, size, path, reporter.task(f"pack images at {size} px", rows), workers=0)
+    return path
 
 
 def _resumable(ckpt_path: Path, identity: dict) -> dict:
