@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,13 @@ def tiny_synthcxr_project(root: Path):
     return params
 
 
+def tiny_project_with_store(root: Path, mlflow_template_db: Path) -> Path:
+    """tiny_synthcxr_project with an empty MLflow store of its own (`root/mlflow.db`); nothing trained."""
+    tiny_synthcxr_project(root)
+    shutil.copyfile(mlflow_template_db, root / "mlflow.db")
+    return root
+
+
 @pytest.fixture(scope="module")
 def tiny_project(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -> Path:
     """params.tiny.yaml, its SynthCXR rendered and a tiny G2D pre-trained (`models/pretrain`, registered as
@@ -98,3 +108,14 @@ def project(tiny_project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.chdir(tiny_project)
     return tiny_project
+
+
+def torchrun(*args: str, cwd: Path, env: dict | None = None, ranks: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 ARGS` (gloo on CPU), one intra-op thread per rank, no DVC
+    variables from the caller's shell; asserts it succeeded."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(ranks), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("DVC_")},
+                               "OMP_NUM_THREADS": "1", **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from safetensors.torch import load_file
 from g2d.config import load_params
 from g2d.errors import ConfigError
 from g2d.pipeline import distributed, pretrain
-from tests.conftest import tiny_synthcxr_project
+from tests.conftest import tiny_project_with_store, torchrun
 
 # no dropout (each rank would draw its own noise), every step logged: 4 steps of a global batch of 8
 SAME_RECIPE = ["model.text_dropout=0", "pretrain.batch_size=8", "pretrain.epochs=2", "pretrain.max_steps=4",
@@ -23,21 +21,9 @@ SAME_RECIPE = ["model.text_dropout=0", "pretrain.batch_size=8", "pretrain.epochs
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def _torchrun(*args: str, cwd: Path, env: dict | None = None) -> str:
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *args], cwd=cwd, env={**{k: v for k, v in os.environ.items() if not k.startswith("DVC_")},
-                                                "OMP_NUM_THREADS": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_template_db) -> Path:
-    root = tmp_path_factory.mktemp("ddp") / "project"
-    tiny_synthcxr_project(root)
-    shutil.copyfile(mlflow_template_db, root / "mlflow.db")
-    return root
+    return tiny_project_with_store(tmp_path_factory.mktemp("ddp") / "project", mlflow_template_db)
 
 
 def _losses(uri: str, name: str) -> dict[str, list[float]]:
@@ -57,8 +43,8 @@ def test_two_ranks_compute_the_gradient_of_one_process_holding_the_global_batch(
     the reconstruction one here: the pseudo mask is a threshold, so a rounding difference can flip its
     pixels (tied values of the upsampled 2 x 2 attention map of a 64 px image) and the comparison would
     test rounding, not DDP."""
-    lines = [line.split() for line in _torchrun(str(SCRIPTS / "ddp_gradients.py"), "reconstruction",
-                                                cwd=tmp_path).splitlines() if line.startswith("rank")]
+    lines = [line.split() for line in torchrun(str(SCRIPTS / "ddp_gradients.py"), "reconstruction",
+                                                cwd=tmp_path).stdout.splitlines() if line.startswith("rank")]
     assert sorted(int(x[1]) for x in lines) == [0, 1]
     for x in lines:
         global_one, global_two, dense_one, dense_two, worst = (float(x[i]) for i in (3, 4, 6, 7, 9))
@@ -72,7 +58,7 @@ def test_two_ranks_train_like_one_rank_with_the_same_global_batch(project, monke
     g2d = shutil.which("g2d") or str(Path(sys.executable).with_name("g2d"))
     sets = [a for s in [*SAME_RECIPE, "pretrain.name=two-ranks", "pretrain.register_as=two-ranks"]
             for a in ("--set", s)]
-    _torchrun("--no-python", g2d, "pretrain", *sets, cwd=project,
+    torchrun("--no-python", g2d, "pretrain", *sets, cwd=project,
               env={"MLFLOW_TRACKING_URI": uri})
 
     monkeypatch.chdir(project)

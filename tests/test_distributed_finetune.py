@@ -4,9 +4,7 @@ the same global batch, and rank 0 alone logs, writes and registers."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 from g2d.config import load_params
 from g2d.errors import ConfigError
 from g2d.pipeline import distributed, finetune
-from tests.conftest import tiny_synthcxr_project
+from tests.conftest import tiny_project_with_store, torchrun
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -28,22 +26,10 @@ RECIPE = ["finetune.segmentation.freeze_encoder=false", "finetune.segmentation.p
           "finetune.segmentation.eval_every=1", "finetune.segmentation.patience=1"]
 
 
-def _torchrun(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *args], cwd=cwd, env={**{k: v for k, v in os.environ.items() if not k.startswith("DVC_")},
-                                                "OMP_NUM_THREADS": "1", **env},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_template_db) -> Path:
     """SynthCXR rendered at params.tiny.yaml, no pre-training (the runs start from a random init)."""
-    root = tmp_path_factory.mktemp("ddp-finetune") / "project"
-    tiny_synthcxr_project(root)
-    shutil.copyfile(mlflow_template_db, root / "mlflow.db")
-    return root
+    return tiny_project_with_store(tmp_path_factory.mktemp("ddp-finetune") / "project", mlflow_template_db)
 
 
 def _runs(uri: str) -> list:
@@ -65,7 +51,7 @@ def test_two_ranks_fine_tune_like_one_process_with_the_same_global_batch(project
     uri = f"sqlite:///{project / 'mlflow.db'}"
     g2d = shutil.which("g2d") or str(Path(sys.executable).with_name("g2d"))
     sets = [a for s in RECIPE for a in ("--set", s)]
-    done = _torchrun("--no-python", g2d, "train", "--task", "siim-seg", "--frac", "1.0", "--init", "random", *sets,
+    done = torchrun("--no-python", g2d, "train", "--task", "siim-seg", "--frac", "1.0", "--init", "random", *sets,
                      cwd=project, env={"MLFLOW_TRACKING_URI": uri})
     assert done.stdout.count("registered g2d-siim-seg version 1") == 1  # rank 0 reports, rank 1 stays quiet
     path = project / "metrics" / "finetune" / "siim-seg_1.0_random.json"
@@ -107,7 +93,7 @@ def test_uneven_shares_of_a_small_train_set_train_like_one_process(tmp_path):
     """The loop alone (tests/scripts/ddp_fit.py): 5 rows, a batch of 8 (the train set is the batch), shares of 3
     and 2 rows weighted 6/5 and 4/5, a batch norm over the global batch, early stopping on rank 0. Measured:
     weights within 1.5e-7 relative, losses within 8e-8; without the weights the losses differ by 0.28."""
-    done = _torchrun(str(SCRIPTS / "ddp_fit.py"), cwd=tmp_path, env={})
+    done = torchrun(str(SCRIPTS / "ddp_fit.py"), cwd=tmp_path, env={})
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("rank")]
     assert sorted(int(x[1]) for x in lines) == [0, 1]
     for x in lines:
