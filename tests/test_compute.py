@@ -42,7 +42,7 @@ def _grads(model: G2D, batch: dict, compute: Compute, dev: torch.device = CPU) -
     losses = trainer.losses(batch, Pretrain(image_size=SIZE, batch_size=4, dense="reconstruction"), dense_on=True)
     trainer.scaler.scale(losses.total).backward()
     scale = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else 1.0
-    return float(losses.total), {k: p.grad.float().cpu() / scale for k, p in model.named_parameters()
+    return float(losses.total.detach()), {k: p.grad.float().cpu() / scale for k, p in model.named_parameters()
                                  if p.grad is not None}
 
 

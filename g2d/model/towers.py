@@ -112,7 +112,10 @@ class TextTower(nn.Module):
 
     def checkpoint_layers(self) -> None:
         """Gradient checkpointing of the trainable layers (the frozen ones keep no activations anyway)."""
-        self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(self.bert, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            self.bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def train(self, mode: bool = True) -> TextTower:
         """Frozen layers stay in eval mode: no dropout noise on features nothing trains."""
