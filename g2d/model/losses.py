@@ -12,9 +12,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     the tensor itself when not distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-    return torch.cat(all_gather(x), dim=0)
+    # differentiable (its backward sums every rank's gradient for this rank's rows) and traceable by
+    # torch.compile, unlike torch.distributed.nn.functional.all_gather
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def info_nce(image: torch.Tensor, text: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:

@@ -110,9 +110,9 @@ def shutdown(ctx: Context) -> None:
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm whose statistics are those of the global batch, on any backend: per-channel sums,
-    sums of squares and counts are all-reduced with autograd (torch.distributed.nn), so the gradient is
-    that of one process holding the whole batch. Used where torch's SyncBatchNorm refuses (CPU)."""
+    """Batch norm whose statistics are those of the global batch, on any backend: per-channel sums and
+    counts, then squared deviations, are summed over ranks with autograd, so the gradient is that of one
+    process holding the whole batch. Used where torch's SyncBatchNorm refuses (CPU)."""
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -121,19 +121,17 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized():
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         shape = [1, channels] + [1] * (x.dim() - 2)
         xf = x.float()
         # two passes (the mean, then squared deviations from it): E[x^2] - E[x]^2 loses the variance
         # to cancellation when the mean is large against the spread
-        totals = all_reduce(torch.cat([xf.sum(dims), xf.new_tensor([x.numel() / channels])]))
+        totals = _sum_over_ranks(torch.cat([xf.sum(dims), xf.new_tensor([x.numel() / channels])]))
         n = totals[-1]
         mean = totals[:channels] / n
         centred = xf - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / n
+        var = _sum_over_ranks((centred * centred).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -144,6 +142,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a tensor, differentiable: every rank's gradient flows back to its own x."""
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+    return all_gather_tensor_autograd(x[None], gather_dim=0, group=dist.group.WORLD).sum(0)
 
 
 def sync_batch_norm(model: nn.Module, dev: torch.device) -> nn.Module:
