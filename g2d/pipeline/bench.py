@@ -33,10 +33,11 @@ from g2d.errors import DataError
 from g2d.pipeline import pretrain_step, runtime
 from g2d.progress import Reporter, silent
 
-# The paper's networks (§4): ResNet-50 U-Net, a BERT-base text tower (Bio_ClinicalBERT's shape, built from
-# config with random weights: timing does not depend on the weights, and nothing is downloaded), 9 of
-# 12 layers frozen, reports up to 256 tokens, d = 128.
-PAPER_MODEL = Model(encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16), text_model="bert-base-config",
+# The paper's networks (§4), as params.paper.yaml has them: ResNet-50 U-Net (decoder widths 128..8: the paper
+# does not give them), a BERT-base text tower (Bio_ClinicalBERT's shape, built from config with random weights:
+# timing does not depend on the weights, and nothing is downloaded), 9 of 12 layers frozen, reports up to 256
+# tokens, d = 128.
+PAPER_MODEL = Model(encoder="resnet50", decoder_channels=(128, 64, 32, 16, 8), text_model="bert-base-config",
                     text_frozen_layers=9, max_length=256, embed_dim=128, heads=4)
 AUTHORS_PAD = 256
 # dense bf16 / fp16 tensor-core peaks (FLOP/s) for model FLOPs utilisation; others print TFLOP/s only
