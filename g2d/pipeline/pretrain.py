@@ -256,18 +256,18 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
 def _pack(params: Params, data_dir: Path, info: dict, ctx, reporter: Reporter) -> Path:
     """The dataset's images resized to the training size in one file (g2d/data/packed.py), named after the
     dataset's hash and the size, so a stale pack is never found; rank 0 builds it, the others wait."""
-    from g2d.data.packed import PackedImages, pack_manifest
+    from g2d.data.packed import PackedImages, pack
 
     size = params.pretrain.image_size
     name = f"{(info.get('sha256') or 'unhashed')[:16]}-{size}.npy"
     path = resolve_path(tracking.project_root(), params.paths.packs) / name
     with distributed.main_first(ctx):
         if ctx.main:
+            images = list(mf.read_manifest(data_dir)["image"])  # manifest order: the order PairDataset reads
             try:
-                PackedImages.open(path, data_dir, list(mf.read_manifest(data_dir)["image"]), size)
+                PackedImages.open(path, data_dir, images, size)
             except DataError:  # absent or stale: (re)build it
-                rows = len(mf.read_manifest(data_dir))
-                pack_manifest(data_dir, size, path, reporter.task(f"pack images at {size} px", rows), workers=0)
+                pack(data_dir, images, size, path, reporter.task(f"pack images at {size} px", len(images)), workers=0)
     return path
 
 
