@@ -170,7 +170,7 @@ def _trainer(v: Variant, cfg: Model, params: Params, image_size: int, batch: int
 
     torch.manual_seed(params.seed)  # the same initial weights for every variant
     compute = (Compute(precision="fp16" if dev.type == "cuda" else "fp32", channels_last=False) if v.authors
-               else params.compute.model_copy(update={"compile": False}))
+               else params.compute)  # as configured: a compiled step compiles in the warm-up step
     model = G2D(cfg, vocab, image_size).to(dev, memory_format=pretrain_step.layout(compute))
     model.text.track_frozen = v.authors
     model.text.length_groups = 1 if v.authors else compute.text_length_groups
