@@ -24,3 +24,16 @@ class TrackingError(G2DError):
 
 class RegistryError(TrackingError):
     """A registered model, version or alias does not exist."""
+
+
+class ImageError(DataError):
+    """An image file that cannot be used. The message names the file; `check`, `problem` and `fix` say the
+    same without the file or per-file numbers, so a validation report can group many files by cause."""
+
+    def __init__(self, path, problem: str, fix: str, detail: str = "", check: str = "undecodable image",
+                 noun: str = "image") -> None:
+        self.path, self.problem, self.fix, self.detail, self.check, self.noun = path, problem, fix, detail, check, noun
+        super().__init__(f"{noun} {path} {problem}{f' ({detail})' if detail else ''}; {fix}")
+
+    def __reduce__(self):  # picklable across worker processes, whose results carry it
+        return type(self), (self.path, self.problem, self.fix, self.detail, self.check, self.noun)

@@ -12,6 +12,9 @@ its mask. Everything else is shared and lives here:
   where it stopped when run again with the same arguments;
 - an image that fails to decode is listed, with its file and error, in `import_report.json`, never
   skipped silently, and the import fails when more than `importing.max_failures` of the images do;
+- report text is made ASCII (`text.to_ascii`: typographic quotes, dashes and spaces spelled in ASCII, accents
+  dropped), as `validate` requires; characters with no ASCII spelling are removed and counted
+  (`report_text` in `import_report.json`, and among the dropped);
 - the manifest, nested label fractions and `dataset.json` (with the protocol's name, version and hash)
   are written last, and the folder is validated.
 """
@@ -36,7 +39,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from g2d.data import manifest as mf
-from g2d.data import protocols, splits
+from g2d.data import protocols, splits, text
 from g2d.data.images import read_image, to_uint8
 from g2d.errors import DataError
 
@@ -212,7 +215,7 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
             pending.append(k)
     _convert_shards(shards, pending, out, source, options, advance)
 
-    failures, worker_drops = list(missing), Counter()
+    failures, worker_drops, report_text = list(missing), Counter(), _ReportText()
     for row in _journal(state, len(shards)):  # what the workers failed on or left out, before any manifest
         if "failed" in row:
             failures.append(row["failed"])
@@ -220,6 +223,10 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
             worker_drops[row["dropped"]] += 1
         elif row.get("dropped_boxes"):
             worker_drops["boxes with zero width or height (left out of boxes and masks)"] += row["dropped_boxes"]
+        if "report_text" in row:
+            report_text.add(row["report_text"])
+    if report_text.removed:
+        worker_drops[REMOVED_CHARACTERS] += sum(report_text.removed.values())
     listed = len(items) + len(missing) + sum(dropped.values())  # every image the source's tables name
     dropped.update(worker_drops)
     attempted = len(items) + len(missing)
@@ -227,6 +234,8 @@ def run(name: str, src: Path, out: Path, protocol_spec: str | None, options: Opt
               "listed": listed, "dropped": dict(sorted(dropped.items())),
               "attempted": attempted, "failed": len(failures), "failures": failures,
               "max_failures": options.max_failures}
+    if report_text.reports:
+        report["report_text"] = report_text.record()
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     if len(failures) > options.max_failures * attempted:
@@ -377,6 +386,29 @@ def _convert_job(job: tuple[int, Item]) -> tuple[int, dict]:
         return k, {"failed": {"file": str(item.image), "where": item.where, "error": f"{type(e).__name__}: {e}"}}
 
 
+REMOVED_CHARACTERS = ("non-ASCII characters removed from reports (no ASCII spelling; see report_text in "
+                      "import_report.json)")
+
+
+@dataclass
+class _ReportText:
+    """What making the reports ASCII changed (g2d.data.text.to_ascii), summed over the workers' rows."""
+
+    reports: int = 0
+    replaced: int = 0
+    removed: Counter = field(default_factory=Counter)
+
+    def add(self, entry: dict) -> None:
+        self.reports += 1
+        self.replaced += entry.get("replaced", 0)
+        self.removed.update(entry.get("removed", {}))
+
+    def record(self) -> dict:
+        return {"rows whose report changed": self.reports,
+                "characters spelled in ASCII (quotes, dashes, spaces, accents)": self.replaced,
+                "characters removed": {text.describe(c): n for c, n in sorted(self.removed.items())}}
+
+
 class _ItemError(Exception):
     """A problem in the source's annotations (not a file that fails to decode): the import stops."""
 
@@ -391,6 +423,11 @@ def convert(item: Item, shard: int, out: Path, size: int, read_report=None, labe
             return {"failed": {"file": str(item.report_file), "where": item.where, "error": str(e)}}
         if not report:
             return {"dropped": "report has neither a findings nor an impression section"}
+    ascii_report = text.to_ascii(report) if report else None  # the text encoders expect English ASCII
+    if ascii_report is not None:
+        report = ascii_report.text
+        if not report:
+            return {"dropped": "report has no text left once made ASCII"}
     try:
         pixels = read_image(item.image)
     except DataError as e:
@@ -420,6 +457,8 @@ def convert(item: Item, shard: int, out: Path, size: int, read_report=None, labe
     row["labels"] = {c: uncertain_value(item.labels.get(c), c, uncertain or {}) for c in labels}
     if flat:
         row["dropped_boxes"] = len(flat)
+    if ascii_report is not None and (ascii_report.replaced or ascii_report.removed):
+        row["report_text"] = {"replaced": ascii_report.replaced, "removed": dict(ascii_report.removed)}
     return row
 
 
@@ -507,13 +546,14 @@ def _write_manifest(out: Path, source: Importer, state: Path, n_shards: int):
     strata: dict[str, list[tuple[str, str]]] = {}
     rows = 0
     tmp = out / (mf.MANIFEST + ".part")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(columns)
         for row in _journal(state, n_shards):
             if "failed" in row or "dropped" in row:
                 continue
             row.pop("dropped_boxes", None)
+            row.pop("report_text", None)
             labels = row.pop("labels")
             positive = row.pop("positive", None)
             if positive is None:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from g2d.data import manifest as mf
+from g2d.data.images import read_gray8
 from g2d.data.splits import FRACTIONS_DIR
 from g2d.data.tasks import TaskSpec
 from g2d.errors import DataError
@@ -122,11 +123,10 @@ def open_resized(folder: Path, rel: str, where: str, size: int,
     """A manifest's image or mask as 8-bit size x size, with its size on disk (to scale boxes)."""
     path = mf.resolve(folder, rel, where)
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            return np.asarray(im.convert("L").resize((size, size), resample)), w, h
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e}); run `g2d data validate {folder}`") from None
+        im = read_gray8(path)
+    except (DataError, OSError) as e:
+        raise DataError(f"{where}: {e}; `g2d data validate {folder}` lists every bad file") from None
+    return np.asarray(im.resize((size, size), resample)), im.width, im.height
 
 
 def load_split(folder: Path, df: pd.DataFrame, split: str, spec: TaskSpec, size: int,
@@ -151,7 +151,7 @@ def load_split(folder: Path, df: pd.DataFrame, split: str, spec: TaskSpec, size:
         at = f"{where} row {row['id']}"
         images[i], w, h = open_resized(folder, row["image"], at, size, Image.Resampling.BILINEAR)
         if masks is not None and row["mask"]:
-            masks[i] = open_resized(folder, row["mask"], at, size, Image.Resampling.NEAREST)[0] > 127
+            masks[i] = open_resized(folder, row["mask"], at, size, Image.Resampling.NEAREST)[0] > 0  # 0/1 or 0/255
         if spec.kind == "detection":
             b, lab = _boxes(row, spec, size / w, size / h, where, dropped)
             boxes.append(b)

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from g2d.errors import ManifestError
+from g2d.data import images, text
+from g2d.errors import ImageError, ManifestError
 
 MANIFEST = "manifest.csv"
 DATASET_INFO = "dataset.json"
@@ -87,8 +87,10 @@ def read_manifest(path: Path, check_labels: bool = True) -> pd.DataFrame:
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest here; render one with `g2d data synth` or import a dataset")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError(_not_utf8(path)) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise ManifestError(f"{path}: not a readable CSV manifest ({e})") from None
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
@@ -107,6 +109,18 @@ def read_manifest(path: Path, check_labels: bool = True) -> pd.DataFrame:
             )
         df[col] = values.astype("Int8")
     return df
+
+
+def _not_utf8(path: Path) -> str:
+    """Where a manifest stops being UTF-8 (the byte offset pandas reports is within its own buffer)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return (f"{path}: not UTF-8 at byte {e.start} (line {line}, byte 0x{data[e.start]:02X}: {e.reason}); "
+                "re-save it as UTF-8 (e.g. from Windows-1252: iconv -f cp1252 -t utf-8)")
+    return f"{path}: not readable as UTF-8; re-save it as UTF-8"
 
 
 def _rows(index: Iterable[int], limit: int = 10) -> str:
@@ -225,10 +239,29 @@ class ValidationReport:
         return out
 
 
-def _load_image(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(im)
+def _check_reports(df: pd.DataFrame, add) -> None:
+    """Reports are present and ASCII (g2d's text encoders expect English ASCII text: see g2d.data.text).
+    Non-ASCII reports are grouped by their first such character, with the first row's id and position."""
+    reports = df["report"].fillna("")
+    for i in df.index[reports.str.strip() == ""]:
+        add("empty report", "report text is empty; fill in its findings / impression or remove the row", i)
+    by_char: dict[str, list[int]] = {}
+    for i in df.index[~reports.map(str.isascii)]:
+        by_char.setdefault(text.first_non_ascii(reports[i])[1], []).append(i)
+    for ch, rows in by_char.items():
+        first = reports[rows[0]]
+        pos = text.first_non_ascii(first)[0]
+        if (fixed := text.mojibake(first)) is not None:  # e.g. 'Ã©' for 'é'
+            at = (text.first_non_ascii(fixed) or (0, ""))[0]
+            cause = (f"it is mojibake (UTF-8 read as Windows-1252: it should read {fixed[max(0, at - 15):at + 15]!r}); "
+                     "re-save the source file as UTF-8, then transliterate (unicodedata NFKD, unidecode)")
+        else:
+            cause = ("transliterate it (unicodedata NFKD, unidecode; `g2d data import` does this), or re-save the "
+                     "source file as UTF-8 if it is mojibake")
+        message = (f"report text holds non-ASCII {text.describe(ch)}, first in id {df.at[rows[0], 'id']!r} at "
+                   f"character {pos + 1}; g2d's text encoders expect English ASCII reports: {cause}")
+        for i in rows:
+            add("non-ASCII report", message, i)
 
 
 def validate(folder: Path, progress: Callable[[int], None] | None = None, workers: int = 1) -> ValidationReport:
@@ -270,8 +303,7 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None, worker
                 add("patient in two splits", f"patient {df.at[i, 'patient_id']!r} is in "
                     f"{sorted(set(df.loc[df.patient_id == df.at[i, 'patient_id'], 'split']))}", i)
     if "report" in df.columns:
-        for i in df.index[df["report"].fillna("").str.strip() == ""]:
-            add("empty report", "report text is empty", i)
+        _check_reports(df, add)
 
     for i, entries in _check_files(folder, df, progress, _workers(workers)):
         for check, message in entries:
@@ -351,45 +383,56 @@ def _check_image(folder: Path, row, i: int, add) -> tuple[int, int] | None:
     try:
         path = resolve(folder, row["image"], "image")
     except ManifestError:
-        add("path leaves the dataset", "image path is absolute or contains '..'", i)
+        add("path leaves the dataset", f"image path is absolute or contains '..'; {_INSIDE}", i)
         return None
     if not path.is_file():
         add("missing file", "image file does not exist", i)
         return None
-    try:
-        arr = _load_image(path)
-    except Exception as e:  # PIL raises many types for corrupt files
-        add("undecodable image", f"image cannot be decoded ({type(e).__name__})", i)
+    arr = _decode(path, "image", i, add)
+    if arr is None:
         return None
     if arr.size == 0:
-        add("undecodable image", "image has no pixels", i)
+        add("undecodable image", "image has no pixels; re-export it", i)
         return None
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        add("non-finite pixels", "image holds NaN or inf pixels", i)
     return arr.shape[1], arr.shape[0]  # (width, height)
+
+
+_INSIDE = "copy the file into the dataset folder and name it relative to manifest.csv"
+
+
+def _decode(path: Path, what: str, i: int, add) -> np.ndarray | None:
+    """The file's pixels as the datasets will read them (images.read_stored), or None after listing why not."""
+    try:
+        return images.read_stored(path)
+    except ImageError as e:  # grouped by cause: the message holds neither the file nor per-file numbers
+        add(e.check, f"{what} {e.problem}; {e.fix}", i)
+    except Exception as e:  # a decoder failing in a way images.py does not know: still listed, never skipped
+        add("undecodable image", f"{what} cannot be decoded ({type(e).__name__}); re-copy or re-export it", i)
+    return None
 
 
 def _check_mask(folder: Path, rel: str, what: str, size, i: int, add) -> None:
     try:
         path = resolve(folder, rel, what)
     except ManifestError:
-        add("path leaves the dataset", f"{what} path is absolute or contains '..'", i)
+        add("path leaves the dataset", f"{what} path is absolute or contains '..'; {_INSIDE}", i)
         return
     if not path.is_file():
         add("missing file", f"{what} file does not exist", i)
         return
-    try:
-        arr = _load_image(path)
-    except Exception as e:
-        add("undecodable image", f"{what} cannot be decoded ({type(e).__name__})", i)
+    arr = _decode(path, what, i, add)
+    if arr is None:
         return
-    values = set(np.unique(arr).tolist())
     if arr.ndim != 2:
-        add("mask not binary", f"{what} must be a single-channel image", i)
-    elif not (values <= {0, 1} or values <= {0, 255} or values <= {False, True}):
-        add("mask not binary", f"{what} holds values other than 0 and 1 / 255", i)
+        add("mask not binary", f"{what} must be a single-channel image; save it as a 1-bit or 8-bit grey PNG", i)
+    else:
+        values = set(np.unique(arr).tolist())
+        if not (values <= {0, 1} or values <= {0, 255}):
+            add("mask not binary", f"{what} holds values other than 0 and 1 / 255; threshold it and save it as "
+                "PNG (JPG's compression adds grey levels)", i)
     if size is not None and (arr.shape[1], arr.shape[0]) != size:
-        add("mask size", f"{what} is not the size of its image", i)
+        add("mask size", f"{what} is not the size of its image; resize it to the image's size (nearest-neighbour) "
+            "or check that the row names the right mask", i)
 
 
 def _parse_json(row, col: str, i: int, add) -> list:

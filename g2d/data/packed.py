@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from g2d.data import manifest as mf
+from g2d.data.images import read_gray8
 from g2d.errors import DataError
 
 FORMAT = 1  # bump when the file layout or the resizing changes: older packs are then refused
@@ -39,13 +40,13 @@ _CHUNK = 64  # images a pack worker resizes per task
 def read_resized(folder: Path, rel: str, size: int,
                  resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
     """The image `rel` of the dataset `folder` as an 8-bit grayscale (L) image of size x size: the training
-    pixels, whether read from PNGs per item or packed once."""
+    pixels, whether read from PNGs per item or packed once. DICOM, 16-bit and float files are read as
+    `images.read_gray8` reads them (scaled, not clipped; NaN refused)."""
     path = mf.resolve(folder, rel, f"{folder / mf.MANIFEST}")
     try:
-        with Image.open(path) as im:
-            return im.convert("L").resize((size, size), resample)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e}); run `g2d data validate {folder}`") from None
+        return read_gray8(path).resize((size, size), resample)
+    except (DataError, OSError) as e:
+        raise DataError(f"{e}; `g2d data validate {folder}` lists every bad file") from None
 
 
 def sidecar_path(pack_path: Path) -> Path:

@@ -260,7 +260,7 @@ class PairDataset(Dataset):
         findings = self.rows.get("findings")
         for f in json.loads((findings[index] if findings is not None else "") or "[]"):
             if f.get("mask"):
-                union |= np.asarray(self._load(f["mask"], Image.Resampling.NEAREST)) > 127
+                union |= np.asarray(self._load(f["mask"], Image.Resampling.NEAREST)) > 0  # 0/1 or 0/255
         return Image.fromarray(union.astype(np.uint8) * 255)
 
     def __getitem__(self, index: int) -> dict:

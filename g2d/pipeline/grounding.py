@@ -76,7 +76,7 @@ def _box_mask(box, scale_x: float, scale_y: float, size: int, where: str) -> np.
 
 
 def _mask(folder: Path, rel: str, where: str, size: int) -> np.ndarray:
-    return labelled.open_resized(folder, rel, where, size, Image.Resampling.NEAREST)[0] > 127
+    return labelled.open_resized(folder, rel, where, size, Image.Resampling.NEAREST)[0] > 0  # 0/1 or 0/255
 
 
 def _row_targets(row: pd.Series, folder: Path, where: str, size: int, cfg: Zeroshot, label_cols: list[str],
