@@ -76,6 +76,9 @@ class Item:
     findings: list[dict] = field(default_factory=list)  # {"phrase", "kind", "box": [x0, y0, x1, y1]}
     missing: dict | None = None  # `missing_file(...)` when a file it needs is not there: still placed by the
     # protocol (so which files are present never changes anyone's split), then listed as a failure
+    split_key: str = field(default="", repr=False)  # what the protocol groups and orders by when it is not
+    # patient_id: the raw patient id of a source whose manifest holds a pseudonym (`pseudonym`). In memory only:
+    # never written, logged or put in a message (repr=False keeps it out of the import's fingerprint too)
 
 
 @dataclass
@@ -87,6 +90,15 @@ class Scan:
 def safe_id(name: str) -> str:
     """A source's file name as an image id: characters other than letters, digits, '.', '_', '-' become '_'."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "_"
+
+
+def pseudonym(raw_patient_id: str, domain: str) -> str:
+    """A stable stand-in for a patient id read from a DICOM header, so the identifier itself never reaches
+    the manifest, dataset.json or MLflow: "pid-" and 16 hex digits of SHA-256 over a per-source domain and the
+    id. The same patient always gets the same pseudonym (patient-level splits and the leak check still hold).
+    It is not a secret: whoever can list candidate ids can recompute it, so the manifest stays as private as
+    the images it points at."""
+    return "pid-" + hashlib.sha256(f"g2d/{domain}/PatientID\0{raw_patient_id}".encode()).hexdigest()[:16]
 
 
 def missing_file(path: Path, where: str, what: str = "image") -> dict:
@@ -282,7 +294,7 @@ def _place(scan: Scan, protocol: protocols.Protocol, where: str) -> tuple[list[I
                                            f"{where}, protocol {protocol.label}"))
         dropped[f"not in protocol {protocol.label}'s subset"] += len(items) - len(keep)
         items = [i for i in items if i.id in keep]
-    placed = protocols.assign(protocol, [i.id for i in items], [i.patient_id for i in items],
+    placed = protocols.assign(protocol, [i.id for i in items], [i.split_key or i.patient_id for i in items],
                               [i.pool for i in items], where)
     missing = [i.missing for i in sorted(items, key=lambda i: i.id) if i.missing is not None]
     kept = sorted((i for i in items if i.missing is None), key=lambda i: i.id)

@@ -3,6 +3,7 @@ comes for free), and a transformers BERT for reports."""
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,11 @@ class TextTower(nn.Module):
                                                       **_dropout(cfg))
             except (OSError, ValueError) as e:
                 raise ConfigError(f"model.text_model = {cfg.text_model!r}: cannot load it ({e})") from None
+            except pickle.UnpicklingError:  # a pytorch_model.bin holding more than tensors (transformers loads
+                # .bin files weights-only): refused unrun; torch's text would advise weights_only=False
+                raise ConfigError(f"model.text_model = {cfg.text_model!r}: its weights file is a pickle with objects "
+                                  "other than tensors, refused unopened (g2d never unpickles model files, which could "
+                                  "run code); use a text model saved as model.safetensors") from None
         layers = self.bert.encoder.layer
         if cfg.text_frozen_layers > len(layers):
             raise ConfigError(f"model.text_frozen_layers = {cfg.text_frozen_layers}, but {cfg.text_model!r} has "

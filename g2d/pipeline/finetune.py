@@ -233,8 +233,6 @@ says otherwise; not for diagnosis. Files: `model.safetensors` (weights only), `c
 
 def load_model(folder: Path):
     """(network in eval mode, config) from a folder written by `run`."""
-    from safetensors.torch import load_model as load_weights
-
     from g2d.config import Model
     from g2d.model.towers import build_unet
 
@@ -247,7 +245,7 @@ def load_model(folder: Path):
     try:
         unet = build_unet(Model.model_validate(config["model"]))
         net = FAMILIES[kind].rewrap(unet, config)
-        load_weights(net, str(folder / model_files.WEIGHTS), strict=True)
+        model_files.load_weights(net, folder / model_files.WEIGHTS)  # safetensors only: never unpickles
     except (KeyError, ValueError, RuntimeError) as e:
         raise model_files.ModelFilesError(f"{folder}: weights and config.yaml do not fit ({e})") from None
     return net.eval(), config

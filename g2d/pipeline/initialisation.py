@@ -63,8 +63,6 @@ def _check_kind(config: dict, where: Path) -> None:
 
 
 def _from_folder(name: str, folder: Path) -> Init:
-    from safetensors.torch import load_file
-
     weights, config_path = folder / model_files.WEIGHTS, folder / model_files.CONFIG
     if not weights.is_file() or not config_path.is_file():
         raise InitError(f"--init {folder}: not a model folder (needs {model_files.WEIGHTS} and {model_files.CONFIG})")
@@ -74,10 +72,7 @@ def _from_folder(name: str, folder: Path) -> Init:
         cfg = Model.model_validate(config["model"])
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as e:
         raise InitError(f"--init {config_path}: not a g2d model config ({type(e).__name__}: {e})") from None
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise InitError(f"--init {weights}: unreadable weights ({e})") from None
+    state = model_files.read_weights(weights, InitError, "--init")  # never unpickles
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     return Init(name, str(folder), cfg, _unet_part(state, weights), digest, config.get("dense"))
 

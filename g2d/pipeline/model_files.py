@@ -58,7 +58,12 @@ def locate(spec: str, inits: dict[str, str], root: Path, uri: str | None, flag: 
         raise error(f"{flag} {spec}: no such file or folder, not {known}, and not a registered model ({e})") from None
     source = f"models:/{info.name}/{info.version}"
     with tempfile.TemporaryDirectory(prefix="g2d-model-") as tmp:
-        yield Located(name, source, tracking.pull_model(source, Path(tmp) / "pulled", uri=uri))
+        try:
+            yield Located(name, source, tracking.pull_model(source, Path(tmp) / "pulled", uri=uri))
+        except G2DError as e:  # its paths name a temporary folder, gone once this ends: name the version too
+            if source not in str(e):
+                e.args = (f"registered model {source}: {e}", *e.args[1:])
+            raise
 
 
 def save(model, image_size: int, folder: Path, card: str, extra: dict | None = None) -> Path:
@@ -75,6 +80,38 @@ def save_folder(module, folder: Path, config: dict, card: str) -> Path:
     (folder / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     (folder / CARD).write_text(card)
     return folder
+
+
+def not_safetensors(path: Path, why: object, error: type[G2DError] = ModelFilesError, flag: str = "") -> G2DError:
+    """The error for a weights file that is not safetensors (a pickle, a torch .pt renamed, damaged bytes)."""
+    return error(f"{flag + ' ' if flag else ''}{path}: not a safetensors file ({why}); g2d loads model weights only "
+                 "as safetensors and never unpickles a model file, which could run code. Give a model folder that "
+                 "`g2d pretrain` / `g2d train` wrote (or a registered version of one); weights from elsewhere must "
+                 "be re-exported with safetensors.torch.save_model")
+
+
+def read_weights(path: Path, error: type[G2DError] = ModelFilesError, flag: str = "") -> dict:
+    """name -> tensor of a safetensors file; never unpickles (a pickle payload is refused, unrun)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise not_safetensors(path, e, error, flag) from None
+
+
+def load_weights(module, path: Path, error: type[G2DError] = ModelFilesError, flag: str = "") -> None:
+    """safetensors' load_model (strict, shared tensors restored); a file that is not safetensors is refused
+    before any byte of it is interpreted as anything but a JSON header and raw tensor data. A mismatch with
+    the network raises RuntimeError for the caller to word."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    try:
+        load_model(module, str(path), strict=True)
+    except (SafetensorError, OSError) as e:
+        raise not_safetensors(path, e, error, flag) from None
 
 
 def read_config(folder: Path) -> dict:
@@ -94,8 +131,6 @@ def read_config(folder: Path) -> dict:
 
 def load(folder: Path):
     """(model in eval mode, tokenizer, config dict) from a folder written by `save`."""
-    from safetensors.torch import load_model
-
     from g2d.model.g2d import G2D
     from g2d.model.towers import load_tokenizer
 
@@ -109,7 +144,7 @@ def load(folder: Path):
     tokenizer = load_tokenizer(cfg)
     model = G2D(cfg, tokenizer.vocab_size, image_size)
     try:
-        load_model(model, str(folder / WEIGHTS), strict=True)
-    except (RuntimeError, OSError) as e:
+        load_weights(model, folder / WEIGHTS)
+    except RuntimeError as e:
         raise ModelFilesError(f"{folder / WEIGHTS}: does not fit the network in {CONFIG} ({e})") from None
     return model.eval(), tokenizer, config

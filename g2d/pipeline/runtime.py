@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no checkpoint to resume from; run without --resume to start fresh")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False / allowlisting: never pass it on
+        found = re.search(r"WeightsUnpickler error:\s*(Unsupported global: GLOBAL \S+|[^\n]+)", str(e))
+        raise CheckpointError(f"{path}: not a readable g2d checkpoint (refused by the weights-only loader: "
+                              f"{found.group(1).strip() if found else 'not tensors and plain values'}); it is damaged "
+                              "or holds objects other than tensors, e.g. a pickle that would run code, and g2d never "
+                              "unpickles those: delete it or run without --resume") from None
     except Exception as e:  # torch raises several types for truncated / foreign files
         raise CheckpointError(f"{path}: not a readable g2d checkpoint ({type(e).__name__}: {e}); delete it or "
                               "run without --resume") from None

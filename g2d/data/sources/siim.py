@@ -86,7 +86,9 @@ def image_mask(rles: list[str], where: str = "rle") -> np.ndarray:
 # Layout (Kaggle "siim-acr-pneumothorax-segmentation", stage 1):
 #   train-rle.csv                                   ImageId, " EncodedPixels"
 #   dicom-images-train/<study>/<series>/<ImageId>.dcm
-# The DICOMs' PatientID is each image's patient (the patient-level protocol splits on it).
+# The DICOMs' PatientID is each image's patient: the protocol splits on the raw id, in memory; the manifest
+# (and so dataset.json, MLflow and every message) only ever holds its pseudonym (`importing.pseudonym`). No
+# other header field is read here (name, birth date, accession number stay in the DICOMs).
 
 RLE_FILE = "train-rle.csv"
 
@@ -123,8 +125,10 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
             check_rle(rle, importing.row_where(csv_path, i))
         path = dicoms.get(image_id)
         expected = src / "dicom-images-train" / f"{image_id}.dcm"
+        raw = path and _patient_id(path)  # no header id: the image is its own patient
         items.append(importing.Item(
-            id=image_id, image=path or expected, patient_id=(path and _patient_id(path)) or image_id, pool="train",
+            id=image_id, image=path or expected, patient_id=importing.pseudonym(raw, "siim") if raw else image_id,
+            split_key=raw or image_id, pool="train",
             where=where, missing=None if path else importing.missing_file(expected, where, "DICOM of this ImageId"),
             source_id=image_id, mask="rle", rle=rles,  # on the DICOM's own size (1024 x 1024 in SIIM)
             labels={"pneumothorax": int(any(r != "-1" for r in rles))}))
