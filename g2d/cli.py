@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -40,6 +41,12 @@ def handles_errors(fn):
                 raise
             typer.echo(f"g2d: error: {e}", err=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C; a training stage says where it left its checkpoint
+            if _state["debug"]:
+                raise
+            signum = getattr(e, "signum", signal.SIGINT)
+            typer.echo(f"g2d: {e.args[0] if e.args else 'interrupted'}", err=True)
+            raise typer.Exit(128 + signum) from None
 
     return wrapper
 

@@ -39,6 +39,21 @@ class Tracking(Strict):
     )
 
 
+class Preflight(Strict):
+    """Checks `g2d pretrain` and `g2d train` run before the first step (g2d/pipeline/preflight.py), so a bad
+    input fails in seconds rather than hours into a run."""
+
+    decode_sample: int = Field(32, ge=0, description="manifest rows whose image and mask are decoded")
+    verify_data: bool = Field(True, description="compare the data with dvc.lock / its .dvc file, else with the "
+                              "sha256 in its dataset.json")
+    hash_all_below_gb: float = Field(2.0, ge=0, description="datasets up to this size are hashed in full, larger "
+                                     "ones by a sample of files")
+    hash_sample: int = Field(256, ge=0, description="files hashed from a larger dataset (besides its manifest, "
+                             "dataset.json and fraction files)")
+    min_free_gb: float = Field(1.0, ge=0, description="free disk needed where models, checkpoints and a local "
+                               "MLflow store are written")
+
+
 class SetSize(Strict):
     count: int = Field(ge=4, description="images to render")
     positive_fraction: float = Field(0.5, gt=0, lt=1, description="share of images with a finding")
@@ -382,6 +397,7 @@ class Params(Strict):
     seed: int = Field(42, ge=0, description="global seed of the training stages")
     paths: Paths = Paths()
     tracking: Tracking = Tracking()
+    preflight: Preflight = Preflight()
     synth: Synth = Synth()
     model: Model = Model()
     compute: Compute = Compute()

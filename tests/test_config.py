@@ -34,7 +34,7 @@ def test_unknown_key_names_dotted_key_and_suggests(tmp_path):
 
 
 def test_unknown_top_level_section(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key 'trainer'.*allowed here: seed, paths, tracking, synth"):
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer'.*allowed here: seed, paths, tracking, preflight, synth"):
         load_params(write(tmp_path, {"trainer": {}}))
 
 

@@ -296,8 +296,13 @@ class Collate:
 def seed_worker(worker_id: int) -> None:
     """Dataloader workers: numpy and random seeded from torch's per-worker seed; everything inherited from
     the main process frozen out of the garbage collector, whose full collections would otherwise write to
-    every inherited object and so copy its page into the worker (memory per worker jumps by ~200 MB)."""
+    every inherited object and so copy its page into the worker (memory per worker jumps by ~200 MB).
+    SIGTERM / SIGINT sent to the whole process group (a scheduler, Ctrl-C) are the main process's to handle:
+    it finishes the step and checkpoints, then shuts the workers down."""
     import gc
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import random
 
     gc.freeze()

@@ -30,7 +30,7 @@ from g2d.config import Params, resolve_path, to_dict
 from g2d.data import labelled, tasks
 from g2d.data import manifest as mf
 from g2d.errors import ConfigError
-from g2d.pipeline import distributed, initialisation, metrics_files, model_files, runtime
+from g2d.pipeline import distributed, initialisation, metrics_files, model_files, preflight, runtime
 from g2d.pipeline.downstream import classification, detection, segmentation
 from g2d.pipeline.downstream.fit import Setup, TrainingError
 from g2d.progress import Reporter, silent
@@ -114,6 +114,8 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
     seed = params.seed if seed is None else seed
     root = tracking.project_root()
     folder = tasks.dataset_folder(spec, params, root)
+    checked = preflight.check(params, [folder], [resolve_path(root, params.paths.metrics), Path(tempfile.gettempdir())],
+                              reporter, tracked=ctx.main)
     df = mf.read_manifest(folder)
     chosen = labelled.fraction(folder, df, frac)
     check_shares(ctx, spec, ft, len(chosen.ids))
@@ -146,6 +148,7 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
     tracked = (tracking.start_run("finetune", config={**to_dict(params), "run": run_info}, data_hash=data_hash,
                                   tags=tags, uri=params.tracking.uri) if ctx.main else tracking.untracked())
     with tracked as tr:
+        tr.log_text(checked.text(), preflight.ARTIFACT)
         tr.log_dataset(f"{spec.name}-{folder.name}", source=str(folder / mf.MANIFEST), digest=data_hash,
                        context="training", profile={s: len(d) for s, d in data.items()},
                        tags={"fraction": frac_label(frac), "fraction_sha256": chosen.sha256})

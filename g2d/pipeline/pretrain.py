@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from g2d.config import Params, dump_yaml, resolve_path, to_dict
 from g2d.data import manifest as mf
 from g2d.data.pairs import Collate, PairDataset, seed_worker
 from g2d.errors import DataError
-from g2d.pipeline import distributed, figures, model_files, pretrain_step, runtime
+from g2d.pipeline import distributed, figures, model_files, preflight, pretrain_step, runtime
 from g2d.pipeline.pretrain_eval import embed_all, pseudo_mask_quality, recall_at_k
 from g2d.progress import Reporter, silent
 
@@ -119,6 +120,8 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
     info = mf.read_info(data_dir)
     if not info:
         raise DataError(f"{data_dir}: no dataset.json; render the data first (`g2d data synth` or `dvc repro synth`)")
+    checked = preflight.check(params, [data_dir], [out, ckpt_dir, metrics_path.parent],
+                              reporter if ctx.main else silent, tracked=ctx.main)
     per_rank = ctx.shard(p.batch_size, "pretrain.batch_size")
     runtime.seed_everything(params.seed)
     dev = distributed.device(ctx)
@@ -184,7 +187,8 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
             "g2d.world_size": str(ctx.world), "g2d.precision": precision, **mf.protocol_tags(info.get("protocol"))}
     tracked = (tracking.start_run("pretrain", config=to_dict(params), data_hash=info.get("sha256"), tags=tags,
                                   uri=params.tracking.uri, system_metrics=True) if ctx.main else tracking.untracked())
-    with tracked as tr:
+    with tracked as tr, runtime.StopRequests() as stop:
+        tr.log_text(checked.text(), preflight.ARTIFACT)
         interrupted = state.get("run_id") if state is not None else None
         if ctx.main and interrupted:  # the run this one continues, left RUNNING if its process was killed
             tracking.close_interrupted(interrupted, uri=params.tracking.uri)
@@ -216,10 +220,11 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                 losses = trainer.losses(batch, p, dense_on=step >= p.dense_warmup_steps)
                 # each rank's loss is over its share of the batch: the logged loss is the global batch's
                 values = distributed.mean(ctx, {k: float(v.detach()) for k, v in (
-                    ("total", losses.total), ("global", losses.global_), ("dense", losses.dense))})
+                    ("total", losses.total), ("global", losses.global_), ("dense", losses.dense))}
+                                          | {"stop": float(stop.signum is not None)})  # > 0: a rank was asked
                 if not math.isfinite(values["total"]):  # before the weights take it in
-                    raise DataError(f"pre-training loss is {values['total']} at step {step + 1}; batch ids "
-                                    f"{batch['id'][:8]}; lower pretrain.lr or check these images")
+                    _non_finite(values["total"], step + 1, distributed.gather(ctx, list(batch["id"])), ckpt_dir,
+                                ctx, model, optimizer, batch)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 trainer.update(losses.total, p.grad_clip)
                 step += 1
@@ -241,6 +246,11 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                     tr.log_metrics({f"val/{k}": v for k, v in quality.items()}, step=step)
                 if step % p.checkpoint_every == 0 and step < total:  # after the epoch's evaluation
                     checkpoint()
+                if values["stop"] > 0 and step < total:  # every rank sees the same mean, so all stop here
+                    checkpoint()
+                    signum = stop.signum or signal.SIGTERM
+                    raise runtime.Stopped(signum, f"stopped by {signal.Signals(signum).name} after step {step} of "
+                                          f"{total}; checkpoint {ckpt_path}; continue with `g2d pretrain --resume`")
                 if step >= total:
                     break
         checkpoint()
@@ -251,6 +261,22 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                           steps_per_epoch, len(train), dev, tr, out, metrics_path)
     distributed.barrier(ctx)
     return outcome
+
+
+def _non_finite(value: float, step: int, ids: list[list[str]], ckpt_dir: Path, ctx, model, optimizer,
+                batch: dict) -> None:
+    """Stop on a NaN / inf loss, after writing what it takes to reproduce it: the weights and optimizer before
+    this step, and the batch (rank 0's share, and every rank's image ids)."""
+    ids = [i for rank in ids for i in rank]
+    path = ckpt_dir / f"nonfinite-step{step:06d}.pt"
+    if ctx.main:
+        runtime.save_checkpoint(path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "ids": ids,
+            "batch": {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}})
+    raise runtime.NonFiniteLoss(
+        f"pre-training loss is {value} at step {step}; the batch's images: {', '.join(ids)}; debug checkpoint "
+        f"(weights before the step, the batch) {path}; lower pretrain.lr or check these images "
+        "(`g2d data validate`)")
 
 
 def _pack(params: Params, data_dir: Path, info: dict, ctx, reporter: Reporter) -> Path:

@@ -8,6 +8,8 @@ import os
 import pickle
 import random
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,50 @@ import numpy as np
 import torch
 
 from g2d.errors import G2DError
+from g2d.tracking import Terminated
 
 
 class CheckpointError(G2DError):
     """A checkpoint cannot be read or does not match the run."""
+
+
+class NonFiniteLoss(G2DError):
+    """The loss became NaN or inf: training stops before the weights take it in."""
+
+
+class Stopped(Terminated):
+    """Training stopped on SIGTERM / SIGINT after writing a checkpoint (a KeyboardInterrupt, so the run closes
+    KILLED); its message says where the checkpoint is and how to resume."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(signum)
+        self.args = (message,)
+
+
+class StopRequests:
+    """SIGTERM (a scheduler, `docker stop`, `kill`) or SIGINT (Ctrl-C) during training: the first asks the
+    loop to stop after the current step, so it can write a checkpoint; a second one stops at once.
+    Handlers go in from the main thread only and the previous ones come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handler(self, signum: int, frame) -> None:
+        if self.signum is not None:  # asked twice: don't wait for the step
+            raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt()
+        self.signum = signum
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
 
 
 def seed_everything(seed: int) -> None:
