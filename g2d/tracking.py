@@ -20,20 +20,22 @@ import contextlib
 import getpass
 import json
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from g2d.errors import RegistryError, TrackingError
 
@@ -158,6 +160,8 @@ def check_reachable(uri: str) -> None:
 
 
 def _client(uri: str) -> MlflowClient:
+    """The client every g2d call goes through: its calls are retried while a SQLite store is locked
+    (`_RetryingClient`), and a new store is created by one process at a time (`_store_creation_lock`)."""
     import logging
 
     from mlflow import MlflowClient
@@ -166,10 +170,121 @@ def _client(uri: str) -> MlflowClient:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "Creating initial MLflow database tables" chatter
     registry = os.environ.get("MLFLOW_REGISTRY_URI", "").strip() or uri
     try:
-        return MlflowClient(tracking_uri=uri, registry_uri=registry)
+        with _store_creation_lock(uri):  # MlflowClient creates and migrates the store's tables
+            client = _retry_locked(lambda: MlflowClient(tracking_uri=uri, registry_uri=registry), uri, "open")
     except MlflowException as exc:
         raise TrackingError(f"MLflow cannot use the tracking URI {uri} ({exc.message}); use a sqlite:/// or "
                             "http(s):// URI, or unset MLFLOW_TRACKING_URI") from None
+    return _RetryingClient(client, uri)  # type: ignore[return-value]  # an MlflowClient in all but name
+
+
+# --------------------------------------------------------------------------- concurrent writers
+#
+# Parallel DVC experiments (`dvc exp run --run-all -j 2`) write to one SQLite mlflow.db. SQLite lets one
+# writer in at a time: MLflow makes each statement wait up to 20 s for the lock (`PRAGMA busy_timeout =
+# 20000`, set by MLflow on every session, so no engine option or `?timeout=` in the URI can raise it),
+# then fails the call with "database is locked". Such a call has written nothing (MLflow rolls its
+# transaction back), so g2d repeats it, with backoff, for up to _LOCKED_RETRY_S more.
+
+_LOCKED_MESSAGES = ("database is locked", "database table is locked")
+_LOCKED_RETRY_S = 60.0  # on top of MLflow's own 20 s wait per statement
+_T = TypeVar("_T")
+
+
+def _is_locked(exc: BaseException | None) -> bool:
+    """Whether a (wrapped: MlflowException, sqlalchemy OperationalError) error is SQLite's lock timeout."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(m in str(exc) for m in _LOCKED_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _locked_error(uri: str, what: str, waited: float) -> TrackingError:
+    store = _sqlite_path(uri) or uri
+    return TrackingError(
+        f"MLflow store {store} stayed locked by another process for {waited:.0f} s ({what}); let the other "
+        "writer finish (a parallel experiment, `mlflow gc`, a database browser) and rerun, run fewer "
+        "experiments at once (`dvc exp run --run-all -j 1`), or serve the store with `mlflow server "
+        "--host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db` and set MLFLOW_TRACKING_URI to it"
+    )
+
+
+def _retry_locked(call: Callable[[], _T], uri: str, what: str) -> _T:
+    """``call()``, repeated with backoff while the store is locked; then a TrackingError naming the store."""
+    started = time.monotonic()
+    delay = 0.05
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            waited = time.monotonic() - started
+            if not _is_locked(exc):
+                raise
+            if waited + delay > _LOCKED_RETRY_S:
+                raise _locked_error(uri, what, waited) from exc
+            time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: two waiting writers do not retry in step
+            delay = min(delay * 2, 2.0)
+
+
+class _RetryingClient:
+    """An MlflowClient whose every call is repeated while the store is locked (see above)."""
+
+    def __init__(self, client: MlflowClient, uri: str) -> None:
+        self._inner = client
+        self._uri = uri
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "_inner" not in self.__dict__:  # copy / pickle probing a bare instance
+            raise AttributeError(name)
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return _retry_locked(lambda: attr(*args, **kwargs), self._uri, f"MlflowClient.{name}")
+
+        return call
+
+
+@contextlib.contextmanager
+def _store_creation_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>-lock`` while MLflow opens a SQLite store: two processes creating the same new store
+    both run MLflow's migrations and leave it half-migrated for good ("table _alembic_tmp_metrics
+    already exists" on every later run). A separate file, because SQLite's own locks on the database
+    file are dropped when any other handle on it is closed. No-op where flock does not exist."""
+    path = _sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None  # type: ignore[assignment]
+    if path is None or fcntl is None or not path.parent.is_dir():
+        yield
+        return
+    lock = path.with_name(path.name + "-lock")
+    started = time.monotonic()
+    try:
+        fh = open(lock, "a")
+    except OSError:  # a read-only folder: no process can create a store there either
+        yield
+        return
+    with fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                if waited > _LOCKED_RETRY_S:
+                    raise _locked_error(uri, f"waiting for {lock.name}, held while a process creates the store",
+                                        waited) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _existing_store(uri: str) -> str:
