@@ -57,6 +57,7 @@ __all__ = [
     "register_model_dir",
     "resolve_model",
     "start_run",
+    "store_root",
     "tracking_uri",
 ]
 
@@ -87,23 +88,30 @@ _PROBE_TIMEOUT_S = 5.0
 
 
 def project_root(start: Path | None = None) -> Path:
-    """Where the store and artifacts live, so that every stage of one project shares them
-    whatever folder DVC runs the stage in."""
-    env = os.environ.get("DVC_ROOT")
-    if env:
-        return Path(env).resolve()
+    """The project a command reads and writes (data, models, metrics): the nearest folder above the cwd that
+    holds dvc.yaml or .git. Under `dvc exp run --queue` / `--temp` that is DVC's temporary copy of the
+    workspace, whose outputs DVC collects into the experiment."""
     here = Path(start if start is not None else Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
             return folder
-    return here
+    env = os.environ.get("DVC_ROOT")
+    return Path(env).resolve() if env else here
+
+
+def store_root() -> Path:
+    """Where the default MLflow store and its artifacts live: DVC_ROOT, which DVC points at the user's project
+    even for an experiment running in a temporary copy, so every stage and experiment shares one store; else
+    the project root."""
+    env = os.environ.get("DVC_ROOT")
+    return Path(env).resolve() if env else project_root()
 
 
 def tracking_uri(configured: str | None = None) -> str:
     """The store to use: ``MLFLOW_TRACKING_URI`` (the user's switch to a server) beats
     ``configured`` (params.yaml), which beats the project's own SQLite file.
 
-    A relative ``sqlite:///x.db`` from params is anchored at the project root, because MLflow
+    A relative ``sqlite:///x.db`` from params is anchored at the store root, because MLflow
     would anchor it at the cwd and DVC stages may run elsewhere."""
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
@@ -111,9 +119,9 @@ def tracking_uri(configured: str | None = None) -> str:
     if configured and configured.strip():
         uri = configured.strip()
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
-            return f"sqlite:///{(project_root() / uri[len('sqlite:///') :]).as_posix()}"
+            return f"sqlite:///{(store_root() / uri[len('sqlite:///') :]).as_posix()}"
         return uri
-    return f"sqlite:///{(project_root() / 'mlflow.db').as_posix()}"
+    return f"sqlite:///{(store_root() / 'mlflow.db').as_posix()}"
 
 
 def _is_http(uri: str) -> bool:
@@ -558,7 +566,7 @@ def _experiment_id(client: MlflowClient, uri: str, job: str) -> str:
         return exp.experiment_id
     location = None
     if _is_local_store(uri):
-        location = (project_root() / "mlartifacts" / name).as_uri()
+        location = (store_root() / "mlartifacts" / name).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception as exc:  # another stage created it between our get and create

@@ -34,7 +34,8 @@ def test_unknown_key_names_dotted_key_and_suggests(tmp_path):
 
 
 def test_unknown_top_level_section(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key 'trainer'.*allowed here: seed, paths, tracking, preflight, synth"):
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer'.*allowed here: seed, paths, tracking, preflight, "
+                                          r"synth"):
         load_params(write(tmp_path, {"trainer": {}}))
 
 

@@ -115,6 +115,11 @@ deadline = time.monotonic() + 60
 while len(list(project.glob("arrived-*"))) < 2 and time.monotonic() < deadline:
     time.sleep(0.05)
 with tracking.start_run("hammer", config=params) as run:
+    # and meet again with both runs open, so that their writes interleave however slowly the other one started
+    (project / f"running-{params['tag']}").touch()
+    deadline = time.monotonic() + 120
+    while len(list(project.glob("running-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     for step in range(params["steps"]):
         run.log_metrics({"loss": 1 / (step + 1), "acc": step / params["steps"]}, step=step)
     model = Path(tempfile.mkdtemp()) / "model"

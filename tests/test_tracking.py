@@ -81,10 +81,17 @@ def test_env_uri_overrides_configured(project_dir: Path, monkeypatch: pytest.Mon
     assert tracking.tracking_uri() == "http://127.0.0.1:1234"
 
 
-def test_dvc_root_wins_over_cwd(project_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_store_follows_dvc_root_and_the_files_the_cwd(project_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc exp run --queue` runs a stage in a temporary copy of the workspace with DVC_ROOT at the user's
+    project: the stage's files are the copy's (DVC collects them), its runs go to the user's store."""
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert tracking.project_root() == tmp_path.resolve()
+    (project_dir / "sub").mkdir()
+    monkeypatch.chdir(project_dir / "sub")
+    assert tracking.project_root() == project_dir.resolve()
+    assert tracking.store_root() == tmp_path.resolve()
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow.db"
+    assert tracking.tracking_uri("sqlite:///stores/x.db") == f"sqlite:///{tmp_path.resolve().as_posix()}/stores/x.db"
 
 
 def test_missing_sqlite_folder_is_named(project_dir: Path) -> None:

@@ -36,7 +36,7 @@ class DvcRecord:
     path: str  # the tracked folder, relative to the project root (as dvc.lock writes it)
     md5: str  # "<hex>.dir"
     source: str  # "dvc.lock (stage synth)" or "data.dvc"
-    fix: str  # the command that brings the recorded files back
+    fix: str  # the commands that bring the recorded files back
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,13 @@ def dvc_record(root: Path, folder: Path) -> DvcRecord | None:
             for out in entry.get("outs") or []:
                 if str(out.get("md5", "")).endswith(".dir"):
                     found.append(DvcRecord(out["path"], out["md5"], f"dvc.lock (stage {stage})",
-                                           f"dvc checkout {out['path']}` (or `dvc repro {stage}"))
-    for dvc_file in sorted(root.glob("*.dvc")):
+                                           f"`dvc checkout {out['path']}` (or `dvc repro {stage}`)"))
+    for dvc_file in sorted(p for p in root.glob("*.dvc") if p.is_file()):
         for out in _yaml(dvc_file).get("outs") or []:
             if str(out.get("md5", "")).endswith(".dir"):
                 found.append(DvcRecord(out["path"], out["md5"], dvc_file.name,
-                                       f"dvc checkout {dvc_file.name}` (or `dvc add {out['path']}` if you changed "
-                                       "it on purpose"))
+                                       f"`dvc checkout {dvc_file.name}` (or `dvc add {out['path']}` if you "
+                                       "changed it on purpose)"))
     covering = [r for r in found if rel == r.path.rstrip("/") or rel.startswith(r.path.rstrip("/") + "/")]
     return max(covering, key=lambda r: len(r.path)) if covering else None
 
@@ -170,7 +170,7 @@ def _against_dvc(folder: Path, root: Path, record: DvcRecord, listing: dict[str,
         parts = [f"{len(v)} {what}, e.g. {_examples(v)}" for what, v in (
             ("changed", changed), ("missing", missing), ("not recorded", extra)) if v]
         raise DataError(f"{folder}: differs from what {record.source} records for {record.path} "
-                        f"({'; '.join(parts)}); bring it back with `{record.fix}`")
+                        f"({'; '.join(parts)}); bring it back with {record.fix}")
     return Verified(f"matches {record.source} for {record.path} ({len(chosen)} of {len(expected)} files hashed)")
 
 

@@ -55,7 +55,7 @@ def check(params: Params, datasets: Sequence[Path], outputs: Sequence[Path], rep
                                 "MLFLOW_TRACKING_URI to a store you can write")
         lines.append(f"tracking: {uri} reachable")
     advance(1)
-    written = [*outputs, *([store.parent, tracking.project_root() / "mlartifacts"] if tracked and store else [])]
+    written = [*outputs, *([store.parent, tracking.store_root() / "mlartifacts"] if tracked and store else [])]
     lines.append(f"disk: {_free_disk(written, p.min_free_gb)}")
     advance(1)
     root = tracking.project_root()

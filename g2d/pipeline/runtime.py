@@ -116,11 +116,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
-    """Write to a temporary file and rename: a crash never leaves a truncated checkpoint."""
+    """Write to a temporary file, flush it to disk, then rename: a crash or a full disk never leaves a truncated
+    checkpoint, and the previous one stays in place until the new one is whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous one is "
+                              "untouched. Free disk space (or fix the folder's permissions) and resume with "
+                              "--resume") from None
     return path
 
 
