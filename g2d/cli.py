@@ -259,6 +259,22 @@ def pretrain(
                f"latest) from {outcome.model_dir}  (MLflow run {outcome.run_id})")
 
 
+@app.command("preflight")
+@handles_errors
+def preflight(
+    task: Annotated[str | None, typer.Option("--task", help="also check this fine-tuning task's data")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Run the checks `g2d pretrain` and `g2d train` make before their first step, and say what was checked."""
+    from g2d.pipeline import preflight as checks
+
+    report = checks.run(_params(params, set_), task)
+    for line in report.lines:
+        typer.echo(line)
+    typer.echo(f"preflight ok in {report.seconds:.1f} s")
+
+
 @app.command("train")
 @handles_errors
 def train(

@@ -226,11 +226,24 @@ def test_train_refuses_changed_data_before_a_run(project):
     assert _store(project) == ([], [])
 
 
+def test_g2d_preflight_says_what_it_checked_and_fails_like_the_stages(project):
+    result = CliRunner().invoke(app, ["preflight", "--task", "siim-seg"])
+    assert result.exit_code == 0, result.output
+    assert "config: valid" in result.output and "disk:" in result.output
+    assert "pretrain: matches dataset.json sha256" in result.output
+    assert "pneumothorax: matches dataset.json sha256" in result.output and "preflight ok in" in result.output
+    _first_image(project, PNEUMOTHORAX).write_bytes(b"")
+    line = _one_line_error(CliRunner().invoke(app, ["preflight", "--task", "siim-seg"]))
+    assert "pneumothorax: the files no longer match the sha256" in line
+    assert _store(project) == ([], [])
+
+
 def test_preflight_is_logged_with_the_run(project):
     result = CliRunner().invoke(app, ["pretrain", "--set", "pretrain.max_steps=1"])
     assert result.exit_code == 0, result.output
     client = MlflowClient()
     [run] = client.search_runs([client.get_experiment_by_name("g2d-pretrain").experiment_id])
+    assert set(run.data.metrics) >= {"loss/total", "loss/global", "loss/dense"} and "loss/stop" not in run.data.metrics
     text = Path(client.download_artifacts(run.info.run_id, "preflight.txt", str(project))).read_text()
     assert "tracking: sqlite:///" in text and "GB free at" in text
     assert "pretrain: matches dataset.json sha256" in text and "32 sampled rows decode" in text

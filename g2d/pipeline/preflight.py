@@ -98,3 +98,16 @@ def _free_disk(paths: Sequence[Path], min_free_gb: float) -> str:
                                  f"{min_free_gb:g}; free some space, or point paths.models / the tracking store "
                                  "at a larger disk")
     return ", ".join(f"{free:.1f} GB free at {path}" for path, free in seen.values())
+
+
+def run(params: Params, task: str | None = None, reporter: Reporter = silent) -> Report:
+    """`g2d preflight`: what `g2d pretrain` checks before its first step, and `g2d train --task TASK` too when a
+    task is given (before submitting a long job to a cluster)."""
+    from g2d.data import tasks
+    from g2d.pipeline import pretrain
+
+    data_dir, out, ckpt_dir, metrics = pretrain.paths(params)
+    datasets = [data_dir]
+    if task:
+        datasets.append(tasks.dataset_folder(tasks.get(task), params, tracking.project_root()))
+    return check(params, datasets, [out, ckpt_dir, metrics.parent], reporter)

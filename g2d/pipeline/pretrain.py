@@ -222,6 +222,7 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                 values = distributed.mean(ctx, {k: float(v.detach()) for k, v in (
                     ("total", losses.total), ("global", losses.global_), ("dense", losses.dense))}
                                           | {"stop": float(stop.signum is not None)})  # > 0: a rank was asked
+                stopping = values.pop("stop") > 0  # the same on every rank, so all stop at this step
                 if not math.isfinite(values["total"]):  # before the weights take it in
                     _non_finite(values["total"], step + 1, distributed.gather(ctx, list(batch["id"])), ckpt_dir,
                                 ctx, model, optimizer, batch)
@@ -244,10 +245,9 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                     model.train()
                     history["pseudo_mask_iou"].append([step, quality.get("pseudo_mask_iou", float("nan"))])
                     tr.log_metrics({f"val/{k}": v for k, v in quality.items()}, step=step)
-                if step % p.checkpoint_every == 0 and step < total:  # after the epoch's evaluation
+                if (step % p.checkpoint_every == 0 or stopping) and step < total:  # after the epoch's evaluation
                     checkpoint()
-                if values["stop"] > 0 and step < total:  # every rank sees the same mean, so all stop here
-                    checkpoint()
+                if stopping and step < total:
                     signum = stop.signum or signal.SIGTERM
                     raise runtime.Stopped(signum, f"stopped by {signal.Signals(signum).name} after step {step} of "
                                           f"{total}; checkpoint {ckpt_path}; continue with `g2d pretrain --resume`")
