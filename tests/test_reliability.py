@@ -293,6 +293,19 @@ def test_a_full_disk_never_leaves_a_truncated_checkpoint(tmp_path, monkeypatch):
     assert runtime.load_checkpoint(path)["step"] == 1
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_the_first_stop_signal_is_a_request_the_second_stops_at_once(signum):
+    from g2d.tracking import Terminated
+
+    before = signal.getsignal(signum)
+    with runtime.StopRequests() as stop:
+        os.kill(os.getpid(), signum)
+        assert stop.signum == signum  # noted: the loop finishes its step and checkpoints
+        with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+            os.kill(os.getpid(), signum)
+    assert signal.getsignal(signum) is before
+
+
 def _env(project: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _TRACKING_ENV}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
