@@ -43,7 +43,8 @@ class Preflight(Strict):
     """Checks `g2d pretrain` and `g2d train` run before the first step (g2d/pipeline/preflight.py), so a bad
     input fails in seconds rather than hours into a run."""
 
-    decode_sample: int = Field(32, ge=0, description="manifest rows whose image and mask are decoded")
+    decode_sample: int = Field(32, ge=0, description="manifest rows whose files are validated (image decodes, "
+                               "masks binary and the image's size, boxes inside); every row's text is checked")
     verify_data: bool = Field(True, description="compare the data with dvc.lock / its .dvc file, else with the "
                               "sha256 in its dataset.json")
     hash_all_below_gb: float = Field(2.0, ge=0, description="datasets up to this size are hashed in full, larger "

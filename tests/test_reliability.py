@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -133,14 +134,50 @@ def test_data_dvc_file_record_suggests_checkout_or_add(project):
         integrity.verify(data, project, hash_all_below=10**12, sample=8)
 
 
-def test_without_dvc_the_dataset_json_hash_is_checked(project):
+def test_without_dvc_each_file_is_checked_against_checksums_sha256(project):
+    folder = project / PRETRAIN
+    assert subprocess.run(["sha256sum", "--quiet", "-c", mf.CHECKSUMS], cwd=folder).returncode == 0
+    n = len(mf.read_checksums(folder))
+    assert integrity.verify(folder, project, hash_all_below=10**12, sample=8).how.startswith(
+        f"matches dataset.json sha256 {mf.read_info(folder)['sha256'][:12]} through checksums.sha256 ({n} of {n} ")
+    image = _first_image(project)
+    rel = image.relative_to(folder).as_posix()
+    image.write_bytes(b"changed")
+    with pytest.raises(DataError, match=rf"pretrain: differs from its checksums.sha256 \(1 changed, e.g. {rel}\); "
+                                        r"bring them back with `dvc checkout` if DVC tracks them, or re-render"):
+        integrity.verify(folder, project, hash_all_below=10**12, sample=8)
+    # a large dataset: the manifest, dataset.json, the fractions and a sample are hashed
+    assert "(8 of" not in integrity.verify(folder, project, hash_all_below=0, sample=0).how  # not sampled: passes
+    image.unlink()
+    with pytest.raises(DataError, match=rf"\(1 missing, e.g. {rel}\)"):
+        integrity.verify(folder, project, hash_all_below=0, sample=0)
+
+
+def test_checksums_must_add_up_to_dataset_json(project):
+    folder = project / PRETRAIN
+    image = _first_image(project)
+    rel = image.relative_to(folder).as_posix()
+    image.write_bytes(b"changed")  # and the checksum edited to match: dataset.json's sha256 still catches it
+    sums = (folder / mf.CHECKSUMS).read_text().replace(mf.read_checksums(folder)[rel], hashlib.sha256(b"changed")
+                                                       .hexdigest())
+    (folder / mf.CHECKSUMS).write_text(sums)
+    with pytest.raises(DataError, match=r"pretrain: checksums.sha256 does not add up to the sha256 \w{12} in "
+                                        r"dataset.json; bring them back"):
+        integrity.verify(folder, project, hash_all_below=10**12, sample=8)
+    (folder / mf.MANIFEST).write_text((folder / mf.MANIFEST).read_text() + "\n")
+    with pytest.raises(DataError, match=r"pretrain: manifest.csv changed since checksums.sha256 was written"):
+        integrity.verify(folder, project, hash_all_below=10**12, sample=8)
+
+
+def test_without_checksums_the_dataset_json_hash_is_recomputed(project):
+    (project / PRETRAIN / mf.CHECKSUMS).unlink()  # a dataset written before checksums were recorded
     verified = integrity.verify(project / PRETRAIN, project, hash_all_below=10**12, sample=8)
     assert verified.how.startswith("matches dataset.json sha256")
     _first_image(project).write_bytes(b"changed")
     with pytest.raises(DataError, match=r"pretrain: the files no longer match the sha256 \w{12} that dataset.json "
                                         r"records \(now \w{12}\); bring them back with `dvc checkout`"):
         integrity.verify(project / PRETRAIN, project, hash_all_below=10**12, sample=8)
-    # over the full-hash limit and outside DVC: said, not silently passed
+    # over the full-hash limit, outside DVC and without checksums: said, not silently passed
     assert "only the sampled decode checks them" in integrity.verify(project / PRETRAIN, project, hash_all_below=0,
                                                                       sample=8).how
 
@@ -173,14 +210,42 @@ def _empty(project: Path) -> str:
     return path.name
 
 
+def _edit_report(project: Path, row: int, text: str) -> str:
+    df = mf.read_manifest(project / PRETRAIN)
+    df.loc[row, "report"] = text
+    df.to_csv(project / PRETRAIN / mf.MANIFEST, index=False)
+    return ""
+
+
+def _non_ascii_report(project: Path) -> str:
+    return _edit_report(project, 1, "Small left pleural effusion, unchanged since 2019 (caf\u00e9 au lait).")
+
+
+def _empty_report(project: Path) -> str:
+    return _edit_report(project, 2, "   ")
+
+
+def _mask_not_binary(project: Path) -> str:
+    df = mf.read_manifest(project / PRETRAIN)
+    rel = next(f["mask"] for cell in df["findings"] for f in json.loads(cell or "[]") if f.get("mask"))
+    from PIL import Image
+
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 200).astype("uint8")).save(project / PRETRAIN / rel)
+    return ""
+
+
 NO_HASH = ["--set", "preflight.verify_data=false", "--set", "preflight.decode_sample=10000"]
 
 
 @pytest.mark.parametrize("damage, args, message", [
-    (_corrupt, [], r"pretrain: the files no longer match the sha256 .* `dvc checkout`"),
-    (_corrupt, NO_HASH, r"manifest.csv row \d+ \(id .*\): .*{name}.*`g2d data validate .*` lists every bad row"),
-    (_truncate, NO_HASH, r"manifest.csv row \d+ \(id .*\): .*{name}.*(truncated|cut short)"),
-    (_empty, NO_HASH, r"manifest.csv row \d+ \(id .*\): .*{name} is empty \(0 bytes\)"),
+    (_corrupt, [], r"pretrain: differs from its checksums.sha256 \(1 changed, e.g. .*{name}\); .*`dvc checkout`"),
+    (_corrupt, NO_HASH, r"manifest.csv row 2 \(id .*, image .*{name}\): undecodable image: .*corrupt or not an "
+                        r"image.*`g2d data validate .*` lists every row"),
+    (_truncate, NO_HASH, r"manifest.csv row 2 \(id .*, image .*{name}\): .*(truncated|cut short)"),
+    (_empty, NO_HASH, r"manifest.csv row 2 \(id .*, image .*{name}\): .*empty \(0 bytes\)"),
+    (_non_ascii_report, NO_HASH, r"manifest.csv row 3 \(id .*\): non-ASCII report: .*'é' \(U\+00E9"),
+    (_empty_report, NO_HASH, r"manifest.csv row 4 \(id .*\): empty report: "),
+    (_mask_not_binary, NO_HASH, r"manifest.csv row \d+ \(id .*\): mask not binary: "),
     (None, ["--set", "preflight.min_free_gb=1e9"], r"GB free on its disk, preflight.min_free_gb needs 1e\+09"),
     (None, ["--set", "pretrain.batch_sise=4"], r"unknown key 'pretrain.batch_sise': did you mean 'batch_size'"),
     (None, ["--resume"], r"checkpoint.pt: not a readable g2d checkpoint"),
@@ -222,7 +287,7 @@ def test_train_refuses_changed_data_before_a_run(project):
     image = _first_image(project, PNEUMOTHORAX)
     image.write_bytes(b"changed")
     line = _one_line_error(CliRunner().invoke(app, ["train", "--task", "siim-seg", "--init", "random"]))
-    assert "pneumothorax: the files no longer match the sha256" in line
+    assert "pneumothorax: differs from its checksums.sha256 (1 changed" in line
     assert _store(project) == ([], [])
 
 
@@ -232,9 +297,11 @@ def test_g2d_preflight_says_what_it_checked_and_fails_like_the_stages(project):
     assert "config: valid" in result.output and "disk:" in result.output
     assert "pretrain: matches dataset.json sha256" in result.output
     assert "pneumothorax: matches dataset.json sha256" in result.output and "preflight ok in" in result.output
-    _first_image(project, PNEUMOTHORAX).write_bytes(b"")
+    image = _first_image(project, PNEUMOTHORAX)
+    image.write_bytes(b"")
     line = _one_line_error(CliRunner().invoke(app, ["preflight", "--task", "siim-seg"]))
-    assert "pneumothorax: the files no longer match the sha256" in line
+    rel = image.relative_to(project / PNEUMOTHORAX).as_posix()
+    assert f"pneumothorax: differs from its checksums.sha256 (1 changed, e.g. {rel})" in line
     assert _store(project) == ([], [])
 
 
@@ -246,7 +313,8 @@ def test_preflight_is_logged_with_the_run(project):
     assert set(run.data.metrics) >= {"loss/total", "loss/global", "loss/dense"} and "loss/stop" not in run.data.metrics
     text = Path(client.download_artifacts(run.info.run_id, "preflight.txt", str(project))).read_text()
     assert "tracking: sqlite:///" in text and "GB free at" in text
-    assert "pretrain: matches dataset.json sha256" in text and "32 sampled rows decode" in text
+    assert "pretrain: matches dataset.json sha256" in text and "through checksums.sha256" in text
+    assert "rows valid (text of every row, files of 32 sampled rows)" in text
 
 
 # ---------------------------------------------------------------- faults during pre-training
@@ -276,6 +344,29 @@ def test_a_non_finite_loss_stops_with_the_step_ids_and_a_debug_checkpoint(projec
     assert _store(project) == (["FAILED"], [])
 
 
+def test_a_non_finite_fine_tuning_loss_names_the_images_and_writes_a_debug_checkpoint(project, monkeypatch):
+    from g2d.pipeline import distributed
+
+    real, calls = distributed.mean, {"n": 0}
+
+    def nan_at_step_2(ctx, values):
+        if "loss" in values:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return {"loss": float("inf")}
+        return real(ctx, values)
+
+    monkeypatch.setattr(distributed, "mean", nan_at_step_2)
+    line = _one_line_error(CliRunner().invoke(app, ["train", "--task", "siim-seg", "--init", "random", "--frac", "1"]))
+    [debug] = (project / "models" / "debug").glob("*.pt")
+    assert debug.name == "siim-seg_1.0_random-nonfinite-step000002.pt"
+    saved = torch.load(debug, weights_only=True)
+    assert f"fine-tuning loss is not finite at step 2; the batch's images: {', '.join(saved['ids'])}; debug " in line
+    assert str(debug) in line and saved["step"] == 2 and "model" in saved
+    assert saved["batch"]["images"].shape[0] == len(saved["ids"]) > 0 and "masks" in saved["batch"]
+    assert _store(project) == (["FAILED"], [])
+
+
 def test_a_full_disk_never_leaves_a_truncated_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     runtime.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
@@ -297,13 +388,26 @@ def test_a_full_disk_never_leaves_a_truncated_checkpoint(tmp_path, monkeypatch):
 def test_the_first_stop_signal_is_a_request_the_second_stops_at_once(signum):
     from g2d.tracking import Terminated
 
-    before = signal.getsignal(signum)
-    with runtime.StopRequests() as stop:
-        os.kill(os.getpid(), signum)
-        assert stop.signum == signum  # noted: the loop finishes its step and checkpoints
-        with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+    received: list[int] = []
+
+    def previous(s, frame):
+        received.append(s)
+
+    before = signal.signal(signum, previous)
+    try:
+        with runtime.StopRequests() as stop:
             os.kill(os.getpid(), signum)
-    assert signal.getsignal(signum) is before
+            assert stop.signum == signum and not received  # noted: the loop finishes its step and checkpoints
+            with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+                os.kill(os.getpid(), signum)
+        # the loop never acted on the request (e.g. it came after the last step): the previous handler gets it
+        assert received == [signum]
+        with runtime.StopRequests() as stop:
+            os.kill(os.getpid(), signum)
+            stop.handled = True  # the loop checkpointed and stopped on it
+        assert received == [signum] and signal.getsignal(signum) is previous
+    finally:
+        signal.signal(signum, before)
 
 
 def _env(project: Path) -> dict[str, str]:

@@ -606,7 +606,7 @@ def _finish(out: Path, source: Importer, protocol: protocols.Protocol, options: 
         "import": {"image_size": options.image_size, "dropped": dict(sorted(dropped.items())), "failed": failed,
                    "uncertain": dict(sorted(options.uncertain.items())), "report": REPORT},
     }
-    info["sha256"] = mf.dataset_hash(out, workers=options.workers)
+    info["sha256"] = mf.record_hashes(out, workers=options.workers)
     mf.write_info(out, info)
     return info
 

@@ -5,10 +5,11 @@ Two records can vouch for a dataset folder:
   cache lists every file's md5. Files are compared by name, and by content (all of them when the folder
   is small, else the manifest, dataset.json, the fraction files and a seeded sample).
 - the dataset's own: the sha256 that `dataset.json` records over the manifest and every file it names
-  (`manifest.dataset_hash`), recomputed in full when the folder is small.
+  (`manifest.dataset_hash`), and each file's sha256 in `checksums.sha256` (which must add up to it):
+  all files are hashed when the folder is small, else the manifest, the fraction files and a sample.
 
 A mismatch is a `DataError` that names the files and says how to bring the data back (`dvc checkout`,
-`dvc repro`). A sampled decode of the manifest's images catches files that are present but unreadable.
+`dvc repro`).
 """
 
 from __future__ import annotations
@@ -140,15 +141,60 @@ def verify(folder: Path, root: Path, *, hash_all_below: int, sample: int, seed: 
     if not recorded:  # a hand-made manifest: nothing to compare with (the run records the hash it sees)
         return Verified(f"no recorded hash to compare with (not tracked by DVC here, no sha256 in "
                         f"{mf.DATASET_INFO}); `g2d data validate` checks every file")
+    sums = mf.read_checksums(folder)
+    if sums is not None:
+        return _against_checksums(folder, recorded, sums, total <= hash_all_below, sample, seed)
     if total > hash_all_below:
-        return Verified(f"{len(on_disk)} files, {total / 1e9:.1f} GB: over the full-hash limit and not tracked by "
-                        "DVC here, so only the sampled decode checks them (`g2d data validate` checks every file)")
+        return Verified(f"{len(on_disk)} files, {total / 1e9:.1f} GB: over the full-hash limit, not tracked by DVC "
+                        f"here and without {mf.CHECKSUMS}, so only the sampled decode checks them (`g2d data "
+                        "validate` checks every file)")
     actual = mf.dataset_hash(folder)
     if actual != recorded:
         raise DataError(f"{folder}: the files no longer match the sha256 {recorded[:12]} that {mf.DATASET_INFO} "
-                        f"records (now {actual[:12]}); bring them back with `dvc checkout` if DVC tracks them, or "
-                        "re-render (`g2d data synth`) / re-import the dataset")
+                        f"records (now {actual[:12]}); {_FIX_LOCAL}")
     return Verified(f"matches {mf.DATASET_INFO} sha256 {recorded[:12]} ({len(on_disk)} files hashed)")
+
+
+_FIX_LOCAL = ("bring them back with `dvc checkout` if DVC tracks them, or re-render (`g2d data synth`) / re-import "
+              "the dataset")
+
+
+def _sample(present: list[str], hash_all: bool, sample: int, seed: int) -> list[str]:
+    """What to hash: everything, or what a run reads first (manifest, dataset.json, fractions) and a seeded
+    sample of the rest."""
+    if hash_all:
+        return present
+    always = [r for r in present if r in (mf.MANIFEST, mf.DATASET_INFO) or r.startswith(FRACTIONS + "/")]
+    rest = [r for r in present if r not in set(always)]
+    return always + random.Random(seed).sample(rest, min(sample, len(rest)))
+
+
+def _differences(changed: list[str], missing: list[str], extra: list[str] = ()) -> str:
+    return "; ".join(f"{len(v)} {what}, e.g. {_examples(v)}" for what, v in (
+        ("changed", changed), ("missing", missing), ("not recorded", list(extra))) if v)
+
+
+def _against_checksums(folder: Path, recorded: str, sums: dict[str, str], hash_all: bool, sample: int,
+                       seed: int) -> Verified:
+    """The per-file sha256s of checksums.sha256 must add up to dataset.json's sha256 (so neither can be edited
+    alone), and the files on disk must match them."""
+    manifest = (folder / mf.MANIFEST).read_bytes()
+    files = mf.referenced_files(mf.read_manifest(folder))
+    if mf.sha256_bytes(manifest) != sums.get(mf.MANIFEST):
+        raise DataError(f"{folder}: {mf.MANIFEST} changed since {mf.CHECKSUMS} was written (sha256 differs); "
+                        f"{_FIX_LOCAL}")
+    unlisted = [f for f in files if f not in sums]
+    if unlisted or mf.combine(manifest, [(f, sums[f]) for f in files]) != recorded:
+        raise DataError(f"{folder}: {mf.CHECKSUMS} does not add up to the sha256 {recorded[:12]} in "
+                        f"{mf.DATASET_INFO}" + (f" ({len(unlisted)} files unlisted, e.g. {_examples(unlisted)})"
+                                                if unlisted else "") + f"; {_FIX_LOCAL}")
+    missing = sorted(rel for rel in sums if not (folder / rel).is_file())
+    chosen = _sample(sorted(set(sums) - set(missing)), hash_all, sample, seed)
+    changed = [rel for rel in chosen if mf.file_sha256(folder / rel) != sums[rel]]
+    if changed or missing:
+        raise DataError(f"{folder}: differs from its {mf.CHECKSUMS} ({_differences(changed, missing)}); {_FIX_LOCAL}")
+    return Verified(f"matches {mf.DATASET_INFO} sha256 {recorded[:12]} through {mf.CHECKSUMS} ({len(chosen)} of "
+                    f"{len(sums)} files hashed)")
 
 
 def _against_dvc(folder: Path, root: Path, record: DvcRecord, listing: dict[str, str], on_disk: dict[str, int],
@@ -158,40 +204,9 @@ def _against_dvc(folder: Path, root: Path, record: DvcRecord, listing: dict[str,
     expected = {rel[len(prefix):]: md5 for rel, md5 in listing.items() if rel.startswith(prefix)}
     missing = sorted(set(expected) - set(on_disk))
     extra = sorted(set(on_disk) - set(expected))
-    present = sorted(set(expected) & set(on_disk))
-    if hash_all:
-        chosen = present
-    else:  # what a run reads first, then a seeded sample of the rest
-        always = [r for r in present if r in (mf.MANIFEST, mf.DATASET_INFO) or r.startswith(FRACTIONS + "/")]
-        rest = [r for r in present if r not in set(always)]
-        chosen = always + random.Random(seed).sample(rest, min(sample, len(rest)))
+    chosen = _sample(sorted(set(expected) & set(on_disk)), hash_all, sample, seed)
     changed = [rel for rel in chosen if _md5(folder / rel) != expected[rel]]
     if missing or extra or changed:
-        parts = [f"{len(v)} {what}, e.g. {_examples(v)}" for what, v in (
-            ("changed", changed), ("missing", missing), ("not recorded", extra)) if v]
         raise DataError(f"{folder}: differs from what {record.source} records for {record.path} "
-                        f"({'; '.join(parts)}); bring it back with {record.fix}")
+                        f"({_differences(changed, missing, extra)}); bring it back with {record.fix}")
     return Verified(f"matches {record.source} for {record.path} ({len(chosen)} of {len(expected)} files hashed)")
-
-
-def decode_sample(folder: Path, n: int, seed: int = 0) -> int:
-    """Decode the image (and mask) of `n` seeded random manifest rows: files that exist but cannot be read fail
-    here, in seconds, rather than hours into training. Returns how many rows were decoded."""
-    from g2d.data.images import read_image
-
-    df = mf.read_manifest(folder, check_labels=False)
-    folder = mf.manifest_path(folder).parent
-    rows = sorted(random.Random(seed).sample(range(len(df)), min(n, len(df))))
-    for i in rows:
-        row = df.iloc[i]
-        where = f"{folder / mf.MANIFEST} row {i + 2} (id {row.get('id', '?')})"
-        for column in ("image", "mask"):
-            rel = row.get(column)
-            if not isinstance(rel, str) or not rel:
-                continue
-            path = mf.resolve(folder, rel, where)
-            try:
-                read_image(path)
-            except DataError as e:
-                raise DataError(f"{where}: {e}; `g2d data validate {folder}` lists every bad row") from None
-    return len(rows)

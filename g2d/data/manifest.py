@@ -25,6 +25,7 @@ from g2d.errors import ImageError, ManifestError
 
 MANIFEST = "manifest.csv"
 DATASET_INFO = "dataset.json"
+CHECKSUMS = "checksums.sha256"  # every file's sha256, written with dataset.json
 SPLITS = ("train", "val", "test")
 # Known columns in their canonical order; any other column is a label column (1 / 0 / -1 / empty).
 CORE_COLUMNS = ("id", "image", "patient_id", "study_id", "split", "report", "mask", "boxes", "findings",
@@ -159,13 +160,16 @@ def referenced_files(df: pd.DataFrame) -> list[str]:
     return sorted(set(files))
 
 
-def dataset_hash(folder: Path, progress: Callable[[int], None] | None = None, workers: int = 1) -> str:
+def dataset_hash(folder: Path, progress: Callable[[int], None] | None = None, workers: int = 1,
+                 digests: dict[str, str] | None = None) -> str:
     """SHA-256 over the manifest and every file it references (name + content), so any change
     to a row, an image or a mask changes the hash. Files are hashed by `workers` threads (hashlib and
-    file reads release the GIL), in a fixed order, so the hash never depends on the worker count."""
+    file reads release the GIL), in a fixed order, so the hash never depends on the worker count.
+    `digests`, if given, receives each referenced file's own sha256."""
     df = read_manifest(folder)
-    h = hashlib.sha256((folder / MANIFEST).read_bytes())
     files = referenced_files(df)
+    if digests is None:
+        digests = {}
 
     def digest(rel: str) -> str:
         path = resolve(folder, rel, f"{folder / MANIFEST}")
@@ -176,11 +180,48 @@ def dataset_hash(folder: Path, progress: Callable[[int], None] | None = None, wo
     with ThreadPoolExecutor(_workers(workers)) as pool:
         for k in range(0, len(files), 256):  # a bounded batch of futures at a time
             batch = files[k:k + 256]
-            for rel, file_digest in zip(batch, pool.map(digest, batch), strict=True):
-                h.update(rel.encode() + b"\0" + file_digest.encode())
+            digests.update(zip(batch, pool.map(digest, batch), strict=True))
             if progress:
                 progress(len(batch))
+    return combine((folder / MANIFEST).read_bytes(), [(rel, digests[rel]) for rel in files])
+
+
+def combine(manifest: bytes, digests: list[tuple[str, str]]) -> str:
+    """The dataset hash from the manifest's bytes and its files' sha256s, in referenced_files order."""
+    h = hashlib.sha256(manifest)
+    for rel, file_digest in digests:
+        h.update(rel.encode() + b"\0" + file_digest.encode())
     return h.hexdigest()
+
+
+def record_hashes(folder: Path, progress: Callable[[int], None] | None = None, workers: int = 1) -> str:
+    """dataset_hash, writing every file's sha256 to `checksums.sha256` on the way (sha256sum's format: the
+    manifest, the fraction files and every referenced file), so a check can later verify any sample of the
+    files without reading them all, and `sha256sum -c checksums.sha256` works in the folder."""
+    digests: dict[str, str] = {}
+    aggregate = dataset_hash(folder, progress, workers, digests)
+    own = [MANIFEST, *sorted(p.relative_to(folder).as_posix() for p in (folder / "fractions").glob("*.txt"))]
+    lines = [f"{file_sha256(folder / rel)}  {rel}" for rel in own] + [f"{d}  {rel}" for rel, d in digests.items()]
+    tmp = folder / (CHECKSUMS + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, folder / CHECKSUMS)
+    return aggregate
+
+
+def read_checksums(folder: Path) -> dict[str, str] | None:
+    """relpath -> sha256 from `checksums.sha256`; None when the dataset has none (written before g2d recorded
+    them, or made by hand)."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return None
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise ManifestError(f"{path} line {n}: not '<sha256>  <path>'; restore the file (`dvc checkout`) or "
+                                "re-render / re-import the dataset")
+        out[rel] = digest
+    return out
 
 
 def _workers(n: int) -> int:
@@ -264,13 +305,20 @@ def _check_reports(df: pd.DataFrame, add) -> None:
             add("non-ASCII report", message, i)
 
 
-def validate(folder: Path, progress: Callable[[int], None] | None = None, workers: int = 1) -> ValidationReport:
+def validate(folder: Path, progress: Callable[[int], None] | None = None, workers: int = 1,
+             sample: int | None = None, seed: int = 0) -> ValidationReport:
     """Check a dataset folder. Every problem lists the offending rows and how many there are. The files
     (decoding every image and mask) are checked in `workers` processes (0 = all cores); rows keep their
-    order, so the report never depends on the worker count."""
+    order, so the report never depends on the worker count. With `sample`, the files of that many seeded
+    random rows are checked (what a training stage does before its first step) and every row's text."""
     manifest = manifest_path(folder)
     folder = manifest.parent
     df = read_manifest(manifest, check_labels=False)
+    files = df
+    if sample is not None and sample < len(df):
+        import random
+
+        files = df.iloc[sorted(random.Random(seed).sample(range(len(df)), sample))]
     found: dict[tuple[str, str], list[int]] = {}
     notes: list[str] = []
 
@@ -305,13 +353,15 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None, worker
     if "report" in df.columns:
         _check_reports(df, add)
 
-    for i, entries in _check_files(folder, df, progress, _workers(workers)):
+    for i, entries in _check_files(folder, files, progress, _workers(workers)):
         for check, message in entries:
             add(check, message, i)
 
     _check_fractions(folder, df, found)
     problems = [Problem(check, msg, rows) for (check, msg), rows in found.items()]
     problems.sort(key=lambda p: (p.check, p.rows[:1]))
+    if len(files) < len(df):
+        notes.append(f"files checked on {len(files)} sampled rows of {len(df)}")
     return ValidationReport(manifest, len(df), problems, notes)
 
 

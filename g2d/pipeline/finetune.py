@@ -154,7 +154,10 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
                        tags={"fraction": frac_label(frac), "fraction_sha256": chosen.sha256})
         recipe = _recipe(spec, ft)
         advance = reporter.task(f"fine-tune {spec.name} {frac:.0%} labels, init {start.name}", recipe.max_steps)
-        result = family.fit(net, data, spec, ft, seed, advance, tr.log_metrics, setup)
+        try:
+            result = family.fit(net, data, spec, ft, seed, advance, tr.log_metrics, setup)
+        except runtime.NonFiniteLoss as e:
+            _non_finite(e, net, data["train"], params, out_path, ctx)
         if not ctx.main:
             distributed.barrier(ctx)  # rank 0 tests, writes and registers
             return None
@@ -194,6 +197,23 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
         outcome = FinetuneOutcome(metrics, out_path, tr.run_id, name, version)
     distributed.barrier(ctx)
     return outcome
+
+
+def _non_finite(error: runtime.NonFiniteLoss, net, train, params: Params, out_path: Path, ctx) -> None:
+    """Name the batch's images and write what it takes to reproduce the step (the weights before it, the batch)
+    beside the checkpoints, then stop."""
+    ids = [train.ids[i] for i in error.rows]
+    path = resolve_path(tracking.project_root(), params.paths.models) / "debug" / \
+        f"{out_path.stem}-nonfinite-step{error.step:06d}.pt"
+    if ctx.main:
+        rows = torch.tensor(error.rows)
+        batch = {k: v[rows].cpu() for k, v in (("images", train.images), ("masks", train.masks),
+                                                 ("labels", train.labels)) if v is not None}
+        runtime.save_checkpoint(path, {"model": net.state_dict(), "step": error.step, "ids": ids, "batch": batch})
+    raise runtime.NonFiniteLoss(
+        f"fine-tuning loss is not finite at step {error.step}; the batch's images: {', '.join(ids)}; debug checkpoint "
+        f"(weights before the step, the batch) {path}; lower the task's lr or check these images "
+        "(`g2d data validate`)", error.step, error.rows) from None
 
 
 def _section(spec) -> str:

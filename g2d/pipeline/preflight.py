@@ -4,7 +4,8 @@ is opened (a refused job leaves no run behind).
 
 In order: the config (already validated when it was loaded), the tracking store (reachable, writable), free
 disk where the job writes, each dataset against the hash DVC or its dataset.json records
-(g2d/data/integrity.py), and a seeded sample of each dataset's images decoded. The lines describing what
+(g2d/data/integrity.py), and each dataset validated (`g2d data validate`: every row's text, the files of
+a seeded sample of rows). The lines describing what
 was checked are logged with the run (`preflight.txt`).
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from g2d import tracking
 from g2d.config import Params
 from g2d.data import integrity
-from g2d.errors import G2DError, TrackingError
+from g2d.errors import DataError, G2DError, TrackingError
 from g2d.progress import Reporter, silent
 
 ARTIFACT = "preflight.txt"
@@ -67,10 +68,28 @@ def check(params: Params, datasets: Sequence[Path], outputs: Sequence[Path], rep
         else:
             lines.append(f"data {folder}: not verified (preflight.verify_data is false)")
         advance(1)
-        n = integrity.decode_sample(folder, p.decode_sample, seed=params.seed)
-        lines.append(f"data {folder}: {n} sampled rows decode")
+        lines.append(f"data {folder}: {_validate_sample(folder, p.decode_sample, params.seed)}")
         advance(1)
     return Report(lines, time.perf_counter() - started)
+
+
+def _validate_sample(folder: Path, n: int, seed: int) -> str:
+    """`g2d data validate` on every row's text and on the files of `n` seeded rows: images decode, masks are
+    binary and the image's size, boxes inside; a problem stops the job here rather than when training reaches
+    the row."""
+    from g2d.data import manifest as mf
+
+    report = mf.validate(folder, sample=n, seed=seed)
+    if not report.ok:
+        first = report.problems[0]
+        where = report.manifest
+        if first.rows:  # CSV line numbers: name the first row's id and image too
+            row = mf.read_manifest(folder, check_labels=False).iloc[first.rows[0] - 2]
+            where = f"{report.manifest} row {first.rows[0]} (id {row['id']}, image {row['image']})"
+        more = f" (+{len(report.problems) - 1} other problem(s))" if len(report.problems) > 1 else ""
+        raise DataError(f"{where}: {first}{more}; `g2d data validate {report.manifest.parent}` lists every row")
+    checked = min(n, report.rows)
+    return f"{report.rows} rows valid (text of every row, files of {checked} sampled rows)"
 
 
 def _sqlite_file(uri: str) -> Path | None:

@@ -187,7 +187,7 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
             "g2d.world_size": str(ctx.world), "g2d.precision": precision, **mf.protocol_tags(info.get("protocol"))}
     tracked = (tracking.start_run("pretrain", config=to_dict(params), data_hash=info.get("sha256"), tags=tags,
                                   uri=params.tracking.uri, system_metrics=True) if ctx.main else tracking.untracked())
-    with tracked as tr, runtime.StopRequests() as stop:
+    with tracked as tr:
         tr.log_text(checked.text(), preflight.ARTIFACT)
         interrupted = state.get("run_id") if state is not None else None
         if ctx.main and interrupted:  # the run this one continues, left RUNNING if its process was killed
@@ -202,58 +202,60 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
         advance(step)
         started, seen = time.perf_counter(), 0
         grid_dir = out.parent / f"{p.name}-figures"
-        while step < total:
-            epoch = step // steps_per_epoch
-            train.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-            done_in_epoch = step - epoch * steps_per_epoch
-            batches = [order[i * per_rank:(i + 1) * per_rank] for i in range(steps_per_epoch)]
-            loader = DataLoader(train, batch_sampler=batches[done_in_epoch:], collate_fn=collate,
-                                num_workers=p.num_workers, worker_init_fn=seed_worker,
-                                persistent_workers=False, pin_memory=dev.type == "cuda",
-                                # its own generator: a loader must not draw from the global RNG, or a
-                                # resumed run's dropout would differ from an uninterrupted one's
-                                generator=torch.Generator().manual_seed(params.seed * 1000 + epoch))
-            net.train()
-            for batch in loader:
-                losses = trainer.losses(batch, p, dense_on=step >= p.dense_warmup_steps)
-                # each rank's loss is over its share of the batch: the logged loss is the global batch's
-                values = distributed.mean(ctx, {k: float(v.detach()) for k, v in (
-                    ("total", losses.total), ("global", losses.global_), ("dense", losses.dense))}
-                                          | {"stop": float(stop.signum is not None)})  # > 0: a rank was asked
-                stopping = values.pop("stop") > 0  # the same on every rank, so all stop at this step
-                if not math.isfinite(values["total"]):  # before the weights take it in
-                    _non_finite(values["total"], step + 1, distributed.gather(ctx, list(batch["id"])), ckpt_dir,
-                                ctx, model, optimizer, batch)
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-                trainer.update(losses.total, p.grad_clip)
-                step += 1
-                seen += len(batch["id"]) * ctx.world
-                advance(1)
-                if step % p.log_every == 0 or step == total:
-                    rate = seen / max(time.perf_counter() - started, 1e-9)
-                    history["loss"].append([step, values["total"]])
-                    tr.log_metrics({**{f"loss/{k}": v for k, v in values.items()}, "lr": lr, "pairs_per_s": rate},
-                                   step=step)
-                if ctx.main and (step % p.grid_every == 0 or step == total):
-                    path = _grid(model, grid_batch, p, dev, step, grid_dir / f"attention_step{step:06d}.png")
-                    tr.log_artifact(path, "figures")
-                if ctx.main and (step % steps_per_epoch == 0 or step == total):
-                    model.eval()
-                    quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
-                    model.train()
-                    history["pseudo_mask_iou"].append([step, quality.get("pseudo_mask_iou", float("nan"))])
-                    tr.log_metrics({f"val/{k}": v for k, v in quality.items()}, step=step)
-                if (step % p.checkpoint_every == 0 or stopping) and step < total:  # after the epoch's evaluation
-                    checkpoint()
-                if stopping and step < total:
-                    signum = stop.signum or signal.SIGTERM
-                    raise runtime.Stopped(signum, f"stopped by {signal.Signals(signum).name} after step {step} of "
-                                          f"{total}; checkpoint {ckpt_path}; continue with `g2d pretrain --resume`")
-                if step >= total:
-                    break
-        checkpoint()
+        with runtime.StopRequests() as stop:
+            while step < total:
+                epoch = step // steps_per_epoch
+                train.set_epoch(epoch)
+                sampler.set_epoch(epoch)
+                order = list(sampler)
+                done_in_epoch = step - epoch * steps_per_epoch
+                batches = [order[i * per_rank:(i + 1) * per_rank] for i in range(steps_per_epoch)]
+                loader = DataLoader(train, batch_sampler=batches[done_in_epoch:], collate_fn=collate,
+                                    num_workers=p.num_workers, worker_init_fn=seed_worker,
+                                    persistent_workers=False, pin_memory=dev.type == "cuda",
+                                    # its own generator: a loader must not draw from the global RNG, or a
+                                    # resumed run's dropout would differ from an uninterrupted one's
+                                    generator=torch.Generator().manual_seed(params.seed * 1000 + epoch))
+                net.train()
+                for batch in loader:
+                    losses = trainer.losses(batch, p, dense_on=step >= p.dense_warmup_steps)
+                    # each rank's loss is over its share of the batch: the logged loss is the global batch's
+                    values = distributed.mean(ctx, {k: float(v.detach()) for k, v in (
+                        ("total", losses.total), ("global", losses.global_), ("dense", losses.dense))}
+                                              | {"stop": float(stop.signum is not None)})  # > 0: a rank was asked
+                    stopping = values.pop("stop") > 0  # the same on every rank, so all stop at this step
+                    if not math.isfinite(values["total"]):  # before the weights take it in
+                        _non_finite(values["total"], step + 1, distributed.gather(ctx, list(batch["id"])), ckpt_dir,
+                                    ctx, model, optimizer, batch)
+                    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+                    trainer.update(losses.total, p.grad_clip)
+                    step += 1
+                    seen += len(batch["id"]) * ctx.world
+                    advance(1)
+                    if step % p.log_every == 0 or step == total:
+                        rate = seen / max(time.perf_counter() - started, 1e-9)
+                        history["loss"].append([step, values["total"]])
+                        tr.log_metrics({**{f"loss/{k}": v for k, v in values.items()}, "lr": lr, "pairs_per_s": rate},
+                                       step=step)
+                    if ctx.main and (step % p.grid_every == 0 or step == total):
+                        path = _grid(model, grid_batch, p, dev, step, grid_dir / f"attention_step{step:06d}.png")
+                        tr.log_artifact(path, "figures")
+                    if ctx.main and (step % steps_per_epoch == 0 or step == total):
+                        model.eval()
+                        quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
+                        model.train()
+                        history["pseudo_mask_iou"].append([step, quality.get("pseudo_mask_iou", float("nan"))])
+                        tr.log_metrics({f"val/{k}": v for k, v in quality.items()}, step=step)
+                    if (step % p.checkpoint_every == 0 and step < total) or stopping:  # after the epoch's evaluation
+                        checkpoint()
+                    if stopping:
+                        stop.handled = True
+                        signum = stop.signum or signal.SIGTERM
+                        raise runtime.Stopped(signum, f"stopped by {signal.Signals(signum).name} after step {step} of "
+                                              f"{total}; checkpoint {ckpt_path}; continue with `g2d pretrain --resume`")
+                    if step >= total:
+                        break
+            checkpoint()
         if not ctx.main:
             distributed.barrier(ctx)  # rank 0 evaluates, exports and registers
             return None

@@ -27,6 +27,10 @@ class CheckpointError(G2DError):
 class NonFiniteLoss(G2DError):
     """The loss became NaN or inf: training stops before the weights take it in."""
 
+    def __init__(self, message: str, step: int = 0, rows: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.step, self.rows = step, rows or []  # the step, and the global batch's train rows where known
+
 
 class Stopped(Terminated):
     """Training stopped on SIGTERM / SIGINT after writing a checkpoint (a KeyboardInterrupt, so the run closes
@@ -39,13 +43,15 @@ class Stopped(Terminated):
 
 class StopRequests:
     """SIGTERM (a scheduler, `docker stop`, `kill`) or SIGINT (Ctrl-C) during training: the first asks the
-    loop to stop after the current step, so it can write a checkpoint; a second one stops at once.
-    Handlers go in from the main thread only and the previous ones come back on exit."""
+    loop to stop after the current step, so it can write a checkpoint; a second one stops at once. Handlers
+    go in from the main thread only; on exit the previous ones come back and a request the loop did not act
+    on is delivered to them (so a signal that arrives after the last step still ends the run KILLED)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.handled = False  # the loop stopped on it; otherwise it is delivered again on exit
         self._old: dict[int, object] = {}
 
     def _handler(self, signum: int, frame) -> None:
@@ -58,9 +64,11 @@ class StopRequests:
             self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type, *exc: object) -> None:
         for s, old in self._old.items():
             signal.signal(s, old if old is not None else signal.SIG_DFL)
+        if self.signum is not None and not self.handled and exc_type is None:  # came after the loop last looked
+            signal.raise_signal(self.signum)
 
 
 def seed_everything(seed: int) -> None:

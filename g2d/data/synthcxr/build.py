@@ -322,7 +322,7 @@ def _finish_set(name: str, rows: list[dict], cfg: Synth, out: Path, reporter: Re
         "prevalence": {c: round(float(df[c].fillna(0).eq(1).mean()), 4) for c in labels},
         "positives": {c: int(df[c].fillna(0).eq(1).sum()) for c in labels},
         "fractions": fractions,
-        "sha256": mf.dataset_hash(folder, advance),
+        "sha256": mf.record_hashes(folder, advance),
     }
 
 

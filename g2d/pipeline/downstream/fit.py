@@ -26,7 +26,7 @@ from g2d.pipeline import distributed, runtime
 
 
 class TrainingError(G2DError):
-    """Training cannot go on (a non-finite loss)."""
+    """Training went wrong in a way that is a bug (a frozen encoder that changed)."""
 
 
 @dataclass
@@ -102,8 +102,8 @@ def fit(model: nn.Module, n_train: int, recipe: Steps, seed: int, step_loss: Cal
             loss = loss * (len(mine) * ctx.world / len(idx))
         value = distributed.mean(ctx, {"loss": float(loss.detach())})["loss"]  # the global batch's loss
         if not math.isfinite(value):  # every rank sees the same value, so every rank stops here
-            raise TrainingError(f"fine-tuning loss is {value} at step {step} (train rows {idx[:8].tolist()}); "
-                                "lower the task's lr or check these images")
+            raise runtime.NonFiniteLoss(f"fine-tuning loss is {value} at step {step} (train rows {idx[:8].tolist()}); "
+                                        "lower the task's lr or check these images", step, idx.tolist())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
