@@ -56,6 +56,7 @@ __all__ = [
     "pull_model",
     "register_model_dir",
     "resolve_model",
+    "sqlite_path",
     "start_run",
     "store_root",
     "tracking_uri",
@@ -134,7 +135,8 @@ def _is_local_store(uri: str) -> bool:
     return scheme not in ("http", "https", "databricks", "databricks-uc", "uc")
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a local SQLite store URI; None for a server or an in-memory store."""
     if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
         return None
     return Path(uri[len("sqlite:///") :].split("?", 1)[0])
@@ -159,7 +161,7 @@ def check_reachable(uri: str) -> None:
                 f"cannot reach the MLflow tracking server at {uri} ({reason}); {SERVER_HINT}"
             ) from exc
         return
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is not None and not path.parent.is_dir():
         raise TrackingError(
             f"MLflow tracking URI {uri}: folder {path.parent} does not exist; create it, fix the URI, "
@@ -211,7 +213,7 @@ def _is_locked(exc: BaseException | None) -> bool:
 
 
 def _locked_error(uri: str, what: str, waited: float) -> TrackingError:
-    store = _sqlite_path(uri) or uri
+    store = sqlite_path(uri) or uri
     return TrackingError(
         f"MLflow store {store} stayed locked by another process for {waited:.0f} s ({what}); let the other "
         "writer finish (a parallel experiment, `mlflow gc`, a database browser) and rerun, run fewer "
@@ -263,7 +265,7 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
     both run MLflow's migrations and leave it half-migrated for good ("table _alembic_tmp_metrics
     already exists" on every later run). A separate file, because SQLite's own locks on the database
     file are dropped when any other handle on it is closed. No-op where flock does not exist."""
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -279,6 +281,7 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
         yield
         return
     with fh:
+        locked = True
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -289,16 +292,20 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
                     raise _locked_error(uri, f"waiting for {lock.name}, held while a process creates the store",
                                         waited) from None
                 time.sleep(0.1)
+            except OSError:  # a file system without locks (some NFS mounts): go on as before the lock existed
+                locked = False
+                break
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _existing_store(uri: str) -> str:
     """Read-only commands must not create an empty store where none was meant to be."""
     check_reachable(uri)
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is not None and not path.is_file():
         raise RegistryError(f"no MLflow store at {path} yet (nothing was tracked here); run a stage first, "
                             "or point MLFLOW_TRACKING_URI at your store")

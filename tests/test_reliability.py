@@ -134,6 +134,15 @@ def test_data_dvc_file_record_suggests_checkout_or_add(project):
         integrity.verify(data, project, hash_all_below=10**12, sample=8)
 
 
+def test_a_dataset_imported_into_data_before_dvc_add_is_checked_by_its_own_hashes(project):
+    shutil.copytree(project / PRETRAIN, project / "data" / "old")
+    _dvc_track(project, "data")  # data.dvc recorded data/old; data/new arrives afterwards
+    shutil.copytree(project / PRETRAIN, project / "data" / "new")
+    verified = integrity.verify(project / "data" / "new", project, hash_all_below=10**12, sample=8)
+    assert verified.how.startswith("new in data, not yet recorded by dvc.lock (stage synth) (`dvc add data`); "
+                                   "matches dataset.json sha256")
+
+
 def test_without_dvc_each_file_is_checked_against_checksums_sha256(project):
     folder = project / PRETRAIN
     assert subprocess.run(["sha256sum", "--quiet", "-c", mf.CHECKSUMS], cwd=folder).returncode == 0
@@ -178,7 +187,7 @@ def test_without_checksums_the_dataset_json_hash_is_recomputed(project):
                                         r"records \(now \w{12}\); bring them back with `dvc checkout`"):
         integrity.verify(project / PRETRAIN, project, hash_all_below=10**12, sample=8)
     # over the full-hash limit, outside DVC and without checksums: said, not silently passed
-    assert "only the sampled decode checks them" in integrity.verify(project / PRETRAIN, project, hash_all_below=0,
+    assert "only the sampled validation checks them" in integrity.verify(project / PRETRAIN, project, hash_all_below=0,
                                                                       sample=8).how
 
 

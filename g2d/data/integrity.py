@@ -134,25 +134,30 @@ def verify(folder: Path, root: Path, *, hash_all_below: int, sample: int, seed: 
     total = sum(on_disk.values())
     record = dvc_record(root, folder)
     listing = dvc_listing(root, record) if record else None
+    unrecorded = ""
     if record is not None and listing is not None:
-        return _against_dvc(folder, root, record, listing, on_disk, total <= hash_all_below, sample, seed)
+        if _under(folder, root, record, listing):
+            return _against_dvc(folder, root, record, listing, on_disk, total <= hash_all_below, sample, seed)
+        # a dataset imported into a tracked folder since it was last recorded (`dvc add` not run yet)
+        unrecorded = f"new in {record.path}, not yet recorded by {record.source} (`dvc add {record.path}`); "
     info = mf.read_info(folder)
     recorded = info.get("sha256")
     if not recorded:  # a hand-made manifest: nothing to compare with (the run records the hash it sees)
-        return Verified(f"no recorded hash to compare with (not tracked by DVC here, no sha256 in "
+        return Verified(unrecorded + f"no recorded hash to compare with (not tracked by DVC here, no sha256 in "
                         f"{mf.DATASET_INFO}); `g2d data validate` checks every file")
     sums = mf.read_checksums(folder)
     if sums is not None:
-        return _against_checksums(folder, recorded, sums, total <= hash_all_below, sample, seed)
+        verified = _against_checksums(folder, recorded, sums, total <= hash_all_below, sample, seed)
+        return Verified(unrecorded + verified.how)
     if total > hash_all_below:
-        return Verified(f"{len(on_disk)} files, {total / 1e9:.1f} GB: over the full-hash limit, not tracked by DVC "
-                        f"here and without {mf.CHECKSUMS}, so only the sampled decode checks them (`g2d data "
-                        "validate` checks every file)")
+        return Verified(unrecorded + f"{len(on_disk)} files, {total / 1e9:.1f} GB: over the full-hash limit, not "
+                        f"tracked by DVC here and without {mf.CHECKSUMS}, so only the sampled validation checks them "
+                        "(`g2d data validate` checks every file)")
     actual = mf.dataset_hash(folder)
     if actual != recorded:
         raise DataError(f"{folder}: the files no longer match the sha256 {recorded[:12]} that {mf.DATASET_INFO} "
                         f"records (now {actual[:12]}); {_FIX_LOCAL}")
-    return Verified(f"matches {mf.DATASET_INFO} sha256 {recorded[:12]} ({len(on_disk)} files hashed)")
+    return Verified(unrecorded + f"matches {mf.DATASET_INFO} sha256 {recorded[:12]} ({len(on_disk)} files hashed)")
 
 
 _FIX_LOCAL = ("bring them back with `dvc checkout` if DVC tracks them, or re-render (`g2d data synth`) / re-import "
@@ -197,10 +202,20 @@ def _against_checksums(folder: Path, recorded: str, sums: dict[str, str], hash_a
                     f"{len(sums)} files hashed)")
 
 
+def _prefix(folder: Path, root: Path, record: DvcRecord) -> str:
+    """The dataset folder's path inside the tracked folder, as DVC's listing spells it ('' or 'sub/dir/')."""
+    rel = folder.resolve().relative_to((root / record.path).resolve()).as_posix()
+    return "" if rel == "." else rel + "/"
+
+
+def _under(folder: Path, root: Path, record: DvcRecord, listing: dict[str, str]) -> bool:
+    prefix = _prefix(folder, root, record)
+    return any(rel.startswith(prefix) for rel in listing)
+
+
 def _against_dvc(folder: Path, root: Path, record: DvcRecord, listing: dict[str, str], on_disk: dict[str, int],
                  hash_all: bool, sample: int, seed: int) -> Verified:
-    prefix = folder.resolve().relative_to((root / record.path).resolve()).as_posix()
-    prefix = "" if prefix == "." else prefix + "/"
+    prefix = _prefix(folder, root, record)
     expected = {rel[len(prefix):]: md5 for rel, md5 in listing.items() if rel.startswith(prefix)}
     missing = sorted(set(expected) - set(on_disk))
     extra = sorted(set(on_disk) - set(expected))

@@ -48,7 +48,7 @@ def check(params: Params, datasets: Sequence[Path], outputs: Sequence[Path], rep
     advance = reporter.task("preflight checks", 2 + 2 * len(datasets))
     lines = ["config: valid (params file and --set overrides)"]
     uri = tracking.tracking_uri(params.tracking.uri)
-    store = _sqlite_file(uri)
+    store = tracking.sqlite_path(uri)
     if tracked:
         tracking.check_reachable(uri)
         if store is not None and not os.access(store if store.exists() else store.parent, os.W_OK):
@@ -90,12 +90,6 @@ def _validate_sample(folder: Path, n: int, seed: int) -> str:
         raise DataError(f"{where}: {first}{more}; `g2d data validate {report.manifest.parent}` lists every row")
     checked = min(n, report.rows)
     return f"{report.rows} rows valid (text of every row, files of {checked} sampled rows)"
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
-        return None
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
 def _existing(path: Path) -> Path:
