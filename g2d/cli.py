@@ -39,7 +39,7 @@ def handles_errors(fn):
         except G2DError as e:
             if _state["debug"]:
                 raise
-            typer.echo(f"g2d: error: {e}", err=True)
+            typer.echo(f"g2d: error: {message(e)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C; a training stage says where it left its checkpoint
             if _state["debug"]:
@@ -49,6 +49,16 @@ def handles_errors(fn):
             raise typer.Exit(128 + signum) from None
 
     return wrapper
+
+
+def message(error: BaseException) -> str:
+    """The error's own message. One raised in a dataloader worker comes back from torch as the same type
+    with the worker's traceback in its message; the original message is its last line."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def _version(value: bool) -> None:

@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from g2d import __version__, tracking
+from g2d import __version__, cli, tracking
 from g2d.cli import app
+from g2d.errors import DataError
 from tests.test_tracking import _assert_same_tensors, _save_tiny_model
 
 runner = CliRunner()
@@ -78,3 +80,18 @@ def test_pull_refuses_a_folder_with_files(registered, tmp_path):
     (out / "old.txt").write_text("stale")
     result = runner.invoke(app, ["models", "pull", "g2d-encoder/1", "--out", str(out)])
     assert result.exit_code == 1 and "not empty; pull into a new or empty folder" in result.output
+
+
+class _BadImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        raise DataError(f"image /data/x{i}.png is corrupt or not an image; re-copy it")
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_still_one_line():
+    with pytest.raises(DataError) as e:
+        next(iter(torch.utils.data.DataLoader(_BadImages(), num_workers=1)))
+    assert "Original Traceback" in str(e.value)  # how torch hands it back
+    assert cli.message(e.value) == "image /data/x0.png is corrupt or not an image; re-copy it"
