@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,10 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     some = next(r for r in finetunes if r.data.tags["g2d.dvc_stage"] == "finetune@siim-seg-1.0-g2d")
     assert {a.path for a in client.list_artifacts(some.info.run_id, "figures")} == {
         "figures/siim-seg_1.0_g2d_test.png"}
+    # each training stage checked its data against what DVC recorded for the synth stage before its first step
+    for run in (some, runs["pretrain"]):
+        text = Path(client.download_artifacts(run.info.run_id, "preflight.txt", tempfile.mkdtemp())).read_text()
+        assert "matches dvc.lock (stage synth) for datasets/synthcxr" in text, text
     # report: the tables, the curves, and DVC sees the metrics
     results = (repo / "reports" / "results.md").read_text()
     assert "## Table 1" in results and "## Table 4" in results and "| G2D |" in results
