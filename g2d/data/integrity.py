@@ -25,9 +25,8 @@ from pathlib import Path
 import yaml
 
 from g2d.data import manifest as mf
+from g2d.data.splits import FRACTIONS_DIR
 from g2d.errors import DataError
-
-FRACTIONS = "fractions"
 
 
 @dataclass(frozen=True)
@@ -169,7 +168,7 @@ def _sample(present: list[str], hash_all: bool, sample: int, seed: int) -> list[
     sample of the rest."""
     if hash_all:
         return present
-    always = [r for r in present if r in (mf.MANIFEST, mf.DATASET_INFO) or r.startswith(FRACTIONS + "/")]
+    always = [r for r in present if r in (mf.MANIFEST, mf.DATASET_INFO) or r.startswith(FRACTIONS_DIR + "/")]
     rest = [r for r in present if r not in set(always)]
     return always + random.Random(seed).sample(rest, min(sample, len(rest)))
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import random
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from g2d.data import images, text
+from g2d.data.splits import FRACTIONS_DIR
 from g2d.errors import ImageError, ManifestError
 
 MANIFEST = "manifest.csv"
@@ -200,7 +202,7 @@ def record_hashes(folder: Path, progress: Callable[[int], None] | None = None, w
     files without reading them all, and `sha256sum -c checksums.sha256` works in the folder."""
     digests: dict[str, str] = {}
     aggregate = dataset_hash(folder, progress, workers, digests)
-    own = [MANIFEST, *sorted(p.relative_to(folder).as_posix() for p in (folder / "fractions").glob("*.txt"))]
+    own = [MANIFEST, *sorted(p.relative_to(folder).as_posix() for p in (folder / FRACTIONS_DIR).glob("*.txt"))]
     lines = [f"{file_sha256(folder / rel)}  {rel}" for rel in own] + [f"{d}  {rel}" for rel, d in digests.items()]
     tmp = folder / (CHECKSUMS + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -316,8 +318,6 @@ def validate(folder: Path, progress: Callable[[int], None] | None = None, worker
     df = read_manifest(manifest, check_labels=False)
     files = df
     if sample is not None and sample < len(df):
-        import random
-
         files = df.iloc[sorted(random.Random(seed).sample(range(len(df)), sample))]
     found: dict[tuple[str, str], list[int]] = {}
     notes: list[str] = []

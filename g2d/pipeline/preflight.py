@@ -21,6 +21,7 @@ from pathlib import Path
 from g2d import tracking
 from g2d.config import Params
 from g2d.data import integrity
+from g2d.data import manifest as mf
 from g2d.errors import DataError, G2DError, TrackingError
 from g2d.progress import Reporter, silent
 
@@ -77,8 +78,6 @@ def _validate_sample(folder: Path, n: int, seed: int) -> str:
     """`g2d data validate` on every row's text and on the files of `n` seeded rows: images decode, masks are
     binary and the image's size, boxes inside; a problem stops the job here rather than when training reaches
     the row."""
-    from g2d.data import manifest as mf
-
     report = mf.validate(folder, sample=n, seed=seed)
     if not report.ok:
         first = report.problems[0]
