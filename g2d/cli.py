@@ -251,12 +251,17 @@ def pretrain(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
+    variant: Annotated[str | None, typer.Option("--variant", help="pre-train this study ablation (study.ablations) "
+                                                "instead: models/ablations/<variant>")] = None,
 ) -> None:
     """Pre-train G2D on the pre-training manifest and register the model (the `pretrain` DVC stage)."""
+    from g2d.pipeline import ablations
     from g2d.pipeline import pretrain as stage
     from g2d.progress import rich_progress
 
     cfg = _params(params, set_)
+    if variant is not None:  # the ablation's overrides first, the user's --set last
+        cfg = _params(params, [*ablations.variant_overrides(cfg, variant), *(set_ or [])])
     with rich_progress() as reporter:
         outcome = stage.run(cfg, resume=resume, reporter=reporter)
     if outcome is None:  # a rank other than 0 of a torchrun job: rank 0 reports
@@ -295,6 +300,8 @@ def train(
                                              "folder or checkpoint, or a registered model (models:/g2d-encoder/latest)"
                                              )] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="default: params seed")] = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="the run's row in the study (metrics/study/): a "
+                                                "name in study.ablations, or e.g. encoder-decoder")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -305,7 +312,7 @@ def train(
 
     cfg = _params(params, set_)
     with rich_progress() as reporter:
-        outcome = finetune.run(cfg, task=task, frac=frac, init=init, seed=seed, reporter=reporter)
+        outcome = finetune.run(cfg, task=task, frac=frac, init=init, seed=seed, variant=variant, reporter=reporter)
     if outcome is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return
     m = outcome.metrics

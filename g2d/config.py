@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +75,14 @@ class Splits(Strict):
         if list(v) != sorted(set(v)):
             raise ValueError(f"fractions must be increasing and distinct, got {list(v)}")
         return v
+
+
+def _written_as_floats(v):
+    ints = [f for f in v if isinstance(f, int) and not isinstance(f, bool)] if isinstance(v, list | tuple) else []
+    if ints:
+        raise ValueError(f"write fractions as decimals ({ints[0]}.0, not {ints[0]}): DVC names each stage and "
+                         "metrics file after the value as written")
+    return v
 
 
 def _in_unit_interval(fractions: tuple[float, ...]) -> tuple[float, ...]:
@@ -353,20 +362,107 @@ class Matrix(Strict):
     inits: tuple[str, ...] = Field(("g2d", "global", "random"), min_length=1)
     encoders: tuple[str, ...] = Field(("g2d", "global"), min_length=1,
                                       description="pre-trained encoders the zeroshot / ground stages score")
+    seeds: tuple[int, ...] = Field((42, 43, 44), min_length=1,
+                                   description="fine-tuning seeds: every cell of the matrices runs once per seed")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(v)) != len(v) or min(v) < 0:
+            raise ValueError(f"seeds must be distinct non-negative integers, got {list(v)}")
+        return v
 
     @field_validator("fractions", mode="before")
     @classmethod
     def _written_as_floats(cls, v):
-        ints = [f for f in v if isinstance(f, int) and not isinstance(f, bool)] if isinstance(v, list | tuple) else []
-        if ints:
-            raise ValueError(f"write fractions as decimals ({ints[0]}.0, not {ints[0]}): DVC names each stage and "
-                             "metrics file after the value as written")
-        return v
+        return _written_as_floats(v)
 
     @field_validator("fractions")
     @classmethod
     def _in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         return _in_unit_interval(v)
+
+
+VARIANT_NAME = r"^[A-Za-z0-9_-]+$"
+
+
+def _check_overrides(sets: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """An ablation changes how a model is trained, never where files go or the study itself."""
+    bad = [t for t in sets if "=" not in t or t.split("=", 1)[0].split(".")[0] not in ("seed", "model", "compute",
+                                                                                        "pretrain")]
+    if bad:
+        raise ValueError(f"{where}: {bad[0]!r} is not a KEY=VALUE override of seed, model, compute or pretrain "
+                         "(e.g. pretrain.pseudo_mask.threshold=0.75)")
+    return sets
+
+
+class Study(Strict):
+    """The paper's ablations (README: Study): pre-training variants, each fine-tuned with every seed.
+
+    A variant is a list of `--set` overrides of its pre-training, applied on top of `budget` (what every
+    ablation's pre-training changes from `pretrain`, so the whole study fits a small machine; the reference
+    variant `g2d` is the same budget with nothing else changed)."""
+
+    variants: tuple[str, ...] = Field((), description="the ablations dvc repro pre-trains and fine-tunes "
+                                      "(names in `ablations`; [] runs none)")
+    ablations: dict[str, tuple[str, ...]] = Field({}, description="variant name -> --set overrides")
+    budget: tuple[str, ...] = Field((), description="--set overrides every ablation's pre-training shares")
+    tasks: tuple[Task, ...] = Field(("siim-seg",), min_length=1, description="each variant is fine-tuned on these")
+    fractions: tuple[float, ...] = Field((0.01,), min_length=1, description="... at these label fractions")
+    transfer: Literal["encoder", "encoder_decoder"] = Field("encoder_decoder", description="segmentation transfer "
+                                                             "of the ablations' fine-tuning")
+    transfer_tasks: tuple[Task, ...] = Field(("siim-seg",), description="segmentation tasks fine-tuned with "
+                                             "encoder + decoder transfer too, at matrix.fractions")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of every interval")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the paired tests")
+    resamples: int = Field(9999, ge=99, description="bootstrap resamples")
+
+    @field_validator("ablations")
+    @classmethod
+    def _names_and_overrides(cls, v: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for name, sets in v.items():
+            if not re.match(VARIANT_NAME, name):
+                raise ValueError(f"ablation name {name!r}: use letters, digits, '-' and '_' (it names files and "
+                                 "DVC stages)")
+            _check_overrides(sets, f"ablation {name!r}")
+        return v
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_overrides(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_overrides(v, "study.budget")
+
+    @field_validator("fractions", mode="before")
+    @classmethod
+    def _written_as_floats(cls, v):
+        return _written_as_floats(v)
+
+    @field_validator("fractions")
+    @classmethod
+    def _in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        return _in_unit_interval(v)
+
+    @model_validator(mode="after")
+    def _variants_defined(self) -> Study:
+        unknown = [n for n in self.variants if n not in self.ablations]
+        if unknown:
+            raise ValueError(f"study.variants {unknown} are not names in study.ablations "
+                             f"({', '.join(self.ablations) or 'none defined'})")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"study.variants lists a name twice: {list(self.variants)}")
+        return self
+
+
+class Promote(Strict):
+    """`g2d models promote` without arguments (the `promote` stage): which registered version gets the alias."""
+
+    model: str = Field("g2d-encoder", description="the registered model whose versions compete")
+    alias: str = Field("champion", description="the alias the winner gets")
+    task: Task = Field("siim-seg", description="ranked by fine-tuning on this task ...")
+    frac: float = Field(0.01, gt=0, le=1, description="... at this label fraction ...")
+    score: Literal["val_best", "score"] = Field("val_best", description="... by the mean over seeds of the best "
+                                                "validation score (val_best; the test score would select on test)")
+    min_seeds: int = Field(3, ge=1, description="versions fine-tuned with fewer seeds do not compete")
 
 
 Uncertainty = Literal["ones", "zeros", "keep"]
@@ -406,6 +502,8 @@ class Params(Strict):
     finetune: Finetune = Finetune()
     matrix: Matrix = Matrix()
     zeroshot: Zeroshot = Zeroshot()
+    study: Study = Study()
+    promote: Promote = Promote()
     importing: Importing = Importing()
 
     @model_validator(mode="after")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from g2d import tracking
-from g2d.config import Params, resolve_path, to_dict
+from g2d.config import VARIANT_NAME, Params, resolve_path, to_dict
 from g2d.data import labelled, tasks
 from g2d.data import manifest as mf
 from g2d.errors import ConfigError
@@ -56,13 +56,12 @@ def init_label(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "init"
 
 
-def metrics_path(params: Params, task: str, frac: float, init: str, seed: int) -> Path:
-    """metrics/finetune/<task>_<frac>_<init>.json; another seed than params' gets `_seed<S>`, so it never
-    overwrites a cell of the DVC matrix."""
+def metrics_path(params: Params, task: str, frac: float, init: str, seed: int, variant: str | None = None) -> Path:
+    """metrics/finetune/<task>_<frac>_<init>_seed<S>.json, the cell of the DVC matrix; a study variant's run
+    goes to metrics/study/<task>_<frac>_<variant>_seed<S>.json instead."""
     root = tracking.project_root()
-    suffix = "" if seed == params.seed else f"_seed{seed}"
-    name = f"{task}_{frac_label(frac)}_{init_label(init)}{suffix}.json"
-    return resolve_path(root, params.paths.metrics) / "finetune" / name
+    folder, row = ("finetune", init_label(init)) if variant is None else ("study", init_label(variant))
+    return resolve_path(root, params.paths.metrics) / folder / f"{task}_{frac_label(frac)}_{row}_seed{seed}.json"
 
 
 def parse_frac(text: str | float) -> float:
@@ -86,12 +85,13 @@ def _load_data(spec, folder: Path, image_size: int, train_ids: list[str], report
 
 
 def run(params: Params, task: str | None = None, frac: float | str = 0.01, init: str | None = None,
-        seed: int | None = None, reporter: Reporter = silent) -> FinetuneOutcome | None:
+        seed: int | None = None, variant: str | None = None, reporter: Reporter = silent) -> FinetuneOutcome | None:
     """Fine-tune, test, write, log and register. Under torchrun every rank trains its share of each batch
-    and only rank 0 does the rest and returns the outcome (the others return None)."""
+    and only rank 0 does the rest and returns the outcome (the others return None). `variant` names the
+    run's row in the study (reports/study.md): its metrics go to metrics/study/."""
     ctx = distributed.from_environment()
     try:
-        return _run(params, ctx, task, frac, init, seed, reporter if ctx.main else silent)
+        return _run(params, ctx, task, frac, init, seed, variant, reporter if ctx.main else silent)
     finally:
         distributed.shutdown(ctx)
 
@@ -106,12 +106,14 @@ def check_shares(ctx: distributed.Context, spec, ft, n_train: int) -> None:
 
 
 def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float | str, init: str | None,
-         seed: int | None, reporter: Reporter) -> FinetuneOutcome | None:
+         seed: int | None, variant: str | None, reporter: Reporter) -> FinetuneOutcome | None:
     ft, compute = params.finetune, params.compute
     spec = tasks.get(task or ft.task)
     frac = parse_frac(frac)
     init = init or ft.init
     seed = params.seed if seed is None else seed
+    if variant is not None and not re.match(VARIANT_NAME, variant):
+        raise ConfigError(f"--variant {variant!r}: use letters, digits, '-' and '_' (it names the metrics file)")
     root = tracking.project_root()
     folder = tasks.dataset_folder(spec, params, root)
     checked = preflight.check(params, [folder], [resolve_path(root, params.paths.metrics), Path(tempfile.gettempdir())],
@@ -137,14 +139,14 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
     net = family.wrap(unet, spec, ft, config).to(dev, memory_format=setup.layout)
     encoder_before = {k: v.clone() for k, v in unet.encoder.state_dict().items()}
 
-    run_info = {"task": spec.name, "kind": spec.kind, "frac": frac, "init": start.name, "seed": seed,
+    run_info = {"task": spec.name, "kind": spec.kind, "frac": frac, "init": start.name, "seed": seed, "variant": variant,
                 "dataset": str(folder), "train_images": len(chosen.ids)}
     tags = {"g2d.task": spec.name, "g2d.frac": frac_label(frac), "g2d.init": start.name,
             "g2d.init_source": start.source, "g2d.init_sha256": start.sha256, "g2d.seed": str(seed),
             "g2d.fraction_sha256": chosen.sha256, "g2d.fraction_source": chosen.source,
             "g2d.world_size": str(ctx.world), "g2d.precision": setup.precision,
-            **mf.protocol_tags(info.get("protocol"))}
-    out_path = metrics_path(params, spec.name, frac, start.name, seed)
+            **({"g2d.variant": variant} if variant else {}), **mf.protocol_tags(info.get("protocol"))}
+    out_path = metrics_path(params, spec.name, frac, start.name, seed, variant)
     tracked = (tracking.start_run("finetune", config={**to_dict(params), "run": run_info}, data_hash=data_hash,
                                   tags=tags, uri=params.tracking.uri) if ctx.main else tracking.untracked())
     with tracked as tr:
@@ -162,6 +164,7 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
             distributed.barrier(ctx)  # rank 0 tests, writes and registers
             return None
         test = family.evaluate(net, data["test"], spec, config)
+        per_image = {k.removeprefix("per_image_"): test.pop(k) for k in list(test) if k.startswith("per_image_")}
         frozen = _frozen_encoder(spec, ft)
         if frozen:  # the paper's frozen protocol, checked rather than assumed
             unchanged = all(torch.equal(encoder_before[k], v) for k, v in unet.encoder.state_dict().items())
@@ -170,7 +173,8 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
                                     "in g2d, please report it with the params used")
         metrics = {
             "task": spec.name, "kind": spec.kind, "metric": spec.metric, "frac": frac, "init": start.name,
-            "init_source": start.source, "init_dense": start.dense, "seed": seed,
+            "init_source": start.source, "init_sha256": start.sha256, "init_dense": start.dense, "seed": seed,
+            "variant": variant, "transfer": config.get("transfer"),
             "frozen_encoder": frozen, "test": test, "score": test.get(spec.metric),
             "val_best": result.best_val, "best_step": result.best_step, "steps": result.steps,
             "stopped_early": result.stopped_early, "train_images": len(data["train"]),
@@ -178,9 +182,11 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
             "dropped": {s: d.dropped for s, d in data.items() if d.dropped},
             "data_hash": data_hash, "fraction_sha256": chosen.sha256, "fraction_source": chosen.source,
         }
+        if per_image:  # the study pairs two inits image by image (g2d/pipeline/study_stats.py)
+            metrics["per_image"] = {"ids": list(data["test"].ids), **per_image}
         tr.log_metrics({f"test/{k}": v for k, v in test.items() if isinstance(v, int | float) and not
                         (isinstance(v, float) and math.isnan(v))}, step=result.steps)
-        tr.log_metrics({"best_step": result.best_step}, step=result.steps)
+        tr.log_metrics({"best_step": result.best_step, "val_best": result.best_val}, step=result.steps)
         metrics_files.write(out_path, metrics)
         tr.log_artifact(out_path)
         name = f"g2d-{spec.name}"
@@ -299,7 +305,8 @@ def evaluate(params: Params, task: str | None, model: str, reporter: Reporter = 
     tags = {"g2d.task": spec.name, "g2d.model": source, **mf.protocol_tags(info.get("protocol"))}
     with tracking.start_run("evaluate", config={"task": spec.name, "model": source, "model_config": config},
                             data_hash=data_hash, tags=tags, uri=params.tracking.uri) as tr:
-        scores = FAMILIES[spec.kind].evaluate(net, test, spec, config)
+        scores = {k: v for k, v in FAMILIES[spec.kind].evaluate(net, test, spec, config).items()
+                  if not k.startswith("per_image_")}
         tr.log_metrics({f"test/{k}": v for k, v in scores.items()
                         if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))})
     return {"task": spec.name, "model": source, "metric": spec.metric, "test": scores, "run_id": tr.run_id}
