@@ -440,7 +440,8 @@ def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
 
     cfg = _params(params, set_)
     outcome = stage.run(cfg)
-    typer.echo(f"{outcome.cells} results -> {outcome.markdown}, {outcome.figure}  (MLflow run {outcome.run_id})")
+    typer.echo(f"{outcome.cells} results -> {outcome.markdown}, {outcome.figure}; study -> {outcome.study}  "
+               f"(MLflow run {outcome.run_id})")
 
 
 @app.command("bench")
@@ -519,15 +520,29 @@ def models_pull(
 @models_app.command("promote")
 @handles_errors
 def models_promote(
-    name: Annotated[str, typer.Argument(help="registered model name")],
-    version: Annotated[int, typer.Argument(help="version number")],
-    alias: Annotated[str, typer.Option("--alias", help="alias to point at this version, e.g. champion")],
+    name: Annotated[str | None, typer.Argument(help="registered model name (omit both: the rule in params.promote)")
+                    ] = None,
+    version: Annotated[int | None, typer.Argument(help="version number")] = None,
+    alias: Annotated[str | None, typer.Option("--alias", help="alias to point at this version, e.g. champion")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Point an alias at a version (aliases, not the deprecated stages)."""
+    """Point an alias at a version (aliases, not the deprecated stages); without NAME and VERSION, let the
+    rule in params.promote pick the version and write its model card (the `promote` stage)."""
     from g2d import tracking
+    from g2d.errors import ConfigError
 
+    if name is None and version is None:
+        from g2d.pipeline import promotion
+
+        out = promotion.run(_params(params, set_))
+        for c in sorted(out.candidates, key=lambda c: -c.mean):
+            typer.echo(f"  v{c.version.version}: mean {c.mean:.4f} over {len(c.scores)} seeds")
+        typer.echo(f"{out.name}@{out.alias} -> version {out.version}; model card {out.card}")
+        return
+    if name is None or version is None or alias is None:
+        raise ConfigError("g2d models promote NAME VERSION --alias ALIAS sets an alias by hand; with no arguments "
+                          "the rule in params.promote decides")
     tracking.promote(name, version, alias, uri=_tracking_uri(params, set_))
     typer.echo(f"{name}@{alias} -> version {version}")
 

@@ -995,3 +995,64 @@ def promote(name: str, version: int, alias: str, *, uri: str | None = None) -> N
         client.set_registered_model_alias(name, alias, str(int(version)))
     except Exception as exc:
         raise RegistryError(f"cannot set alias {alias!r} on model {name!r} version {version}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- promotion: versions, their runs, their cards
+
+
+def model_versions(name: str, *, uri: str | None = None) -> list[ModelVersionInfo]:
+    """Every version of a registered model, oldest first, with its aliases."""
+    store = tracking_uri(uri)
+    _existing_store(store)
+    client = _client(store)
+    model = _registered_model(client, name, store)
+    aliases = dict(model.aliases or {})
+    return [ModelVersionInfo(name, int(mv.version), mv.run_id, mv.source,
+                             tuple(sorted(a for a, v in aliases.items() if int(v) == int(mv.version))))
+            for mv in _versions(client, name)]
+
+
+def version_file(info: ModelVersionInfo, name: str, out: Path, *, uri: str | None = None) -> Path:
+    """One file of a registered version (e.g. model.safetensors), downloaded into ``out``."""
+    store = tracking_uri(uri)
+    client = _client(store)
+    import mlflow.artifacts
+
+    source = client.get_model_version_download_uri(info.name, str(info.version))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/{name}",
+                                                        dst_path=str(out), tracking_uri=store))
+    except Exception as exc:
+        raise RegistryError(f"cannot download {name} of model {info.name!r} version {info.version} ({info.source}) "
+                            f"from {store}: {exc}") from exc
+
+
+def find_runs(job: str, tags: Mapping[str, str], *, uri: str | None = None) -> list[dict[str, Any]]:
+    """Finished runs of a job (g2d-<job>) whose tags have these values: run_id, start_time, tags, metrics."""
+    store = tracking_uri(uri)
+    _existing_store(store)
+    client = _client(store)
+    exp = client.get_experiment_by_name(f"{EXPERIMENT_PREFIX}{job}")
+    if exp is None:
+        return []
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses), max_results=1000,
+                                  page_token=token)
+        runs.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            break
+    return [{"run_id": r.info.run_id, "start_time": r.info.start_time, "tags": dict(r.data.tags),
+             "metrics": dict(r.data.metrics), "params": dict(r.data.params)} for r in runs]
+
+
+def describe_version(name: str, version: int, description: str, *, uri: str | None = None) -> None:
+    """Set a version's description (the model card the MLflow UI shows on the version's page)."""
+    store = tracking_uri(uri)
+    client = _client(store)
+    try:
+        client.update_model_version(name, str(int(version)), description=description)
+    except Exception as exc:
+        raise RegistryError(f"cannot set the description of model {name!r} version {version}: {exc}") from exc

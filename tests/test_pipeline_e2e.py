@@ -98,17 +98,37 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     pulled = sh("g2d", "models", "pull", "g2d-encoder/latest", "--out", str(repo / "pulled"), cwd=repo, env=env)
     assert (repo / "pulled" / "model" / "model.safetensors").is_file(), pulled
 
-    # finetune: the tiny matrix (4 tasks x 1 fraction x 3 inits), each cell a metrics file and a version
+    # finetune: the tiny matrix (2 tasks x 1 fraction x 3 inits x 2 seeds), each cell a metrics file and a version
     cells = sorted(p.name for p in (repo / "metrics" / "finetune").glob("*.json"))
-    assert len(cells) == 12 and "siim-seg_1.0_g2d.json" in cells and "rsna-det_1.0_random.json" in cells
-    for task in ("siim-seg", "rsna-seg", "chexpert-cls", "rsna-det"):
-        assert len(client.search_model_versions(f"name='g2d-{task}'")) == 3
+    assert len(cells) == 12 and "siim-seg_1.0_g2d_seed42.json" in cells and "chexpert-cls_1.0_random_seed43.json" in cells
+    assert len(client.search_model_versions("name='g2d-chexpert-cls'")) == 6
+    # siim-seg: the matrix (6), encoder + decoder transfer (2 seeds), the two ablations (2 x 2 seeds)
+    assert len(client.search_model_versions("name='g2d-siim-seg'")) == 12
     [exp] = [e for e in client.search_experiments() if e.name == "g2d-finetune"]
     finetunes = client.search_runs([exp.experiment_id])
-    assert len(finetunes) == 12 and all(r.info.status == "FINISHED" for r in finetunes)
-    some = next(r for r in finetunes if r.data.tags["g2d.dvc_stage"] == "finetune@siim-seg-1.0-g2d")
+    assert len(finetunes) == 18 and all(r.info.status == "FINISHED" for r in finetunes)
+    some = next(r for r in finetunes if r.data.tags["g2d.dvc_stage"] == "finetune@siim-seg-1.0-g2d-42")
     assert {a.path for a in client.list_artifacts(some.info.run_id, "figures")} == {
-        "figures/siim-seg_1.0_g2d_test.png"}
+        "figures/siim-seg_1.0_g2d_seed42_test.png"}
+    per_image = json.loads((repo / "metrics" / "finetune" / "siim-seg_1.0_g2d_seed42.json").read_text())["per_image"]
+    assert len(per_image["ids"]) == len(per_image["dice"]) > 0
+    # the study: each ablation pre-trained on the budget and registered, fine-tuned per seed; the report's tables
+    for variant in ("g2d", "shuffled-masks"):
+        ablation = json.loads((repo / "metrics" / "ablations" / f"{variant}.json").read_text())
+        assert ablation["steps"] == 4
+        assert client.search_model_versions(f"name='g2d-ablation-{variant}'")
+    assert sorted(p.name for p in (repo / "metrics" / "study").glob("*.json")) == [
+        f"siim-seg_1.0_{v}_seed{s}.json" for v in ("encoder-decoder", "g2d", "shuffled-masks") for s in (42, 43)]
+    studied = (repo / "reports" / "study.md").read_text()
+    for title in ("## Table 1", "## Table 4", "## Encoder-only vs encoder + decoder", "## Tables 5b, 5d, 5f and 8",
+                  "## Which of the paper's orderings hold"):
+        assert title in studied, title
+    assert (repo / "reports" / "study" / "learning_curves.png").stat().st_size > 10_000
+    # promote: the rule in params gives g2d-encoder's only version the alias champion, and writes its card
+    assert client.get_model_version_by_alias("g2d-encoder", "champion").version == "1"
+    card = (repo / "reports" / "model_card.md").read_text()
+    assert card.startswith("# g2d-encoder@champion: version 1") and "## Intended use and limits" in card
+    assert client.get_model_version("g2d-encoder", "1").description == card
     # each training stage checked its data against what DVC recorded for the synth stage before its first step
     for run in (some, runs["pretrain"]):
         text = Path(client.download_artifacts(run.info.run_id, "preflight.txt", tempfile.mkdtemp())).read_text()
@@ -118,7 +138,7 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     assert "## Table 1" in results and "## Table 4" in results and "| G2D |" in results
     assert (repo / "reports" / "learning_curves.png").stat().st_size > 10_000
     shown = sh("dvc", "metrics", "show", "--json", cwd=repo, env=env)
-    assert "metrics/finetune/chexpert-cls_1.0_global.json" in shown
+    assert "metrics/finetune/chexpert-cls_1.0_global_seed43.json" in shown
     # zeroshot and ground: both encoders, side by side in the report (Table 2)
     for folder in ("zeroshot", "grounding"):
         for model in ("g2d", "global"):
@@ -178,6 +198,6 @@ def test_train_and_evaluate_after_repro(clone):
         sh("dvc", "repro", cwd=repo, env=env)
     out = sh("g2d", "train", "--frac", "0.01", cwd=repo, env=env)
     assert "siim-seg 1% labels" in out and "init g2d" in out and "registered g2d-siim-seg version" in out
-    m = json.loads((repo / "metrics" / "finetune" / "siim-seg_0.01_g2d.json").read_text())
+    m = json.loads((repo / "metrics" / "finetune" / "siim-seg_0.01_g2d_seed42.json").read_text())
     shown = sh("g2d", "evaluate", "--task", "siim-seg", "--model", "models:/g2d-siim-seg/latest", cwd=repo, env=env)
     assert f"dice {m['score']:.4f}" in shown
