@@ -16,7 +16,6 @@ and every fine-tuning result of it in the store with intervals over seeds.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import yaml
 
 from g2d import tracking
 from g2d.config import Params
+from g2d.data import manifest as mf
 from g2d.data import tasks
 from g2d.errors import RegistryError
 from g2d.pipeline import study_stats
@@ -53,12 +53,9 @@ class PromoteOutcome:
     card: Path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _frac_tag(frac: float) -> str:
+    """The `g2d.frac` tag of g2d train: 0.01 -> '0.01', 1 -> '1.0'."""
+    return repr(float(frac))
 
 
 def _per_seed(runs: list[dict], key: str) -> dict[int, float]:
@@ -84,17 +81,15 @@ def candidates(params: Params, tmp: Path) -> list[Candidate]:
     out = []
     for info in tracking.model_versions(rule.model, uri=uri):
         weights = tracking.version_file(info, "model.safetensors", tmp / f"v{info.version}", uri=uri)
-        sha = _sha256(weights)
+        sha = mf.file_sha256(weights)
         weights.unlink()
-        runs = _finetune_runs(sha, uri, task=rule.task, frac=repr(float(rule.frac)))
+        runs = _finetune_runs(sha, uri, task=rule.task, frac=_frac_tag(rule.frac))
         out.append(Candidate(info, sha, _per_seed(runs, key)))
     return out
 
 
 def run(params: Params) -> PromoteOutcome:
     rule = params.promote
-    from g2d.pipeline.finetune import frac_label  # one spelling of a fraction for tags and files
-
     with tempfile.TemporaryDirectory(prefix="g2d-promote-") as tmp:
         found = candidates(params, Path(tmp))
         ranked = [c for c in found if len(c.scores) >= rule.min_seeds]
@@ -102,7 +97,7 @@ def run(params: Params) -> PromoteOutcome:
             seen = ", ".join(f"v{c.version.version}: {len(c.scores)} seed(s)" for c in found) or "no versions"
             raise RegistryError(
                 f"promote: no version of {rule.model!r} has {rule.min_seeds} seeds of `g2d train --task {rule.task} "
-                f"--frac {frac_label(rule.frac)} --init <its weights>` in the store ({seen}); fine-tune it with more "
+                f"--frac {_frac_tag(rule.frac)} --init <its weights>` in the store ({seen}); fine-tune it with more "
                 "seeds (params matrix.seeds, `dvc repro`) or lower promote.min_seeds")
         best = max(ranked, key=lambda c: (c.mean, c.version.version))
         tracking.promote(rule.model, best.version.version, rule.alias, uri=params.tracking.uri)
