@@ -54,7 +54,7 @@ def test_two_ranks_fine_tune_like_one_process_with_the_same_global_batch(project
     done = torchrun("--no-python", g2d, "train", "--task", "siim-seg", "--frac", "1.0", "--init", "random", *sets,
                      cwd=project, env={"MLFLOW_TRACKING_URI": uri})
     assert done.stdout.count("registered g2d-siim-seg version 1") == 1  # rank 0 reports, rank 1 stays quiet
-    path = project / "metrics" / "finetune" / "siim-seg_1.0_random.json"
+    path = project / "metrics" / "finetune" / "siim-seg_1.0_random_seed42.json"
     two = json.loads(path.read_text())
 
     monkeypatch.chdir(project)

@@ -118,7 +118,7 @@ def test_edited_fraction_file_is_refused(tmp_path, tiny_project):
 def test_segmentation_trains_registers_and_keeps_the_frozen_encoder(project):
     out = finetune.run(params(project), task="siim-seg", frac=1.0, init="g2d")
     m = json.loads(out.metrics_path.read_text())
-    assert out.metrics_path.name == "siim-seg_1.0_g2d.json"
+    assert out.metrics_path.name == "siim-seg_1.0_g2d_seed42.json"
     assert m["metric"] == "dice" and 0 <= m["score"] <= 1 and m["frozen_encoder"] is True
     assert 1 <= m["best_step"] <= m["steps"] and m["test_images"] > 0
     assert registered(project)["g2d-siim-seg"] == [1]
@@ -271,15 +271,18 @@ def test_report_tables_and_curves(project):
     for task, metric in (("siim-seg", "dice"), ("chexpert-cls", "auc")):
         for frac in (0.01, 1.0):
             for init, score in (("g2d", 0.6), ("global", 0.5), ("random", 0.3)):
-                (folder / f"{task}_{frac!r}_{init}.json").write_text(json.dumps(
-                    {"task": task, "frac": frac, "init": init, "metric": metric, "score": score * frac ** 0.1,
-                     "train_images": 10}))
-    (folder / "siim-seg_0.5_g2d.json").write_text(json.dumps(
-        {"task": "siim-seg", "frac": 0.5, "init": "g2d", "metric": "dice", "score": 0.5, "train_images": 8}))
-    out = report.run(params(project, "matrix.fractions=[0.01, 1.0]"))
+                for seed, noise in ((42, -0.01), (43, 0.01)):  # the table shows the mean over seeds
+                    (folder / f"{task}_{frac!r}_{init}_seed{seed}.json").write_text(json.dumps(
+                        {"task": task, "frac": frac, "init": init, "metric": metric, "seed": seed,
+                         "score": score * frac ** 0.1 + noise, "train_images": 10}))
+    (folder / "siim-seg_0.5_g2d_seed42.json").write_text(json.dumps(
+        {"task": "siim-seg", "frac": 0.5, "init": "g2d", "metric": "dice", "score": 0.5, "train_images": 8,
+         "seed": 42}))
+    out = report.run(params(project, "matrix.fractions=[0.01, 1.0]", "matrix.seeds=[42, 43]"))
     md = out.markdown.read_text()
-    assert "## Table 1" in md and "## Table 4" in md and out.cells == 12
-    assert "`siim-seg_0.5_g2d.json`: siim-seg 0.5 init g2d" in md.split("## Other runs")[1]  # listed, not tabled
+    assert "## Table 1" in md and "## Table 4" in md and out.cells == 12 and "mean over 2 seeds" in md
+    assert "`siim-seg_0.5_g2d_seed42.json`: siim-seg 0.5 init g2d" in md.split("## Other runs")[1]  # not tabled
+    assert out.study.is_file() and "60.0 ± 1.4 [" in out.study.read_text()  # the study: the spread over seeds
     g2d_row = next(line for line in md.splitlines() if line.startswith("| G2D |") and "**" in line)
     assert g2d_row.count("**60.0**") == 1  # siim-seg 100%: G2D best, in bold
     lines = md.splitlines()
@@ -289,7 +292,7 @@ def test_report_tables_and_curves(project):
     assert out.figure.is_file() and out.figure.stat().st_size > 5000
     (folder / "broken.json").write_text("{")
     with pytest.raises(DataError, match="broken.json: not a g2d fine-tuning metrics file"):
-        report.run(params(project, "matrix.fractions=[0.01, 1.0]"))
+        report.run(params(project, "matrix.fractions=[0.01, 1.0]", "matrix.seeds=[42, 43]"))
 
 
 def test_matrix_inits_must_be_named(project):

@@ -368,7 +368,7 @@ def test_a_non_finite_fine_tuning_loss_names_the_images_and_writes_a_debug_check
     monkeypatch.setattr(distributed, "mean", nan_at_step_2)
     line = _one_line_error(CliRunner().invoke(app, ["train", "--task", "siim-seg", "--init", "random", "--frac", "1"]))
     [debug] = (project / "models" / "debug").glob("*.pt")
-    assert debug.name == "siim-seg_1.0_random-nonfinite-step000002.pt"
+    assert debug.name == "siim-seg_1.0_random_seed42-nonfinite-step000002.pt"
     saved = torch.load(debug, weights_only=True)
     assert f"fine-tuning loss is not finite at step 2; the batch's images: {', '.join(saved['ids'])}; debug " in line
     assert str(debug) in line and saved["step"] == 2 and "model" in saved

@@ -45,9 +45,11 @@ class Result:
 
 
 def read_results(folder: Path, study: bool) -> list[Result]:
-    """Every metrics file of a folder; a file that is not a g2d fine-tuning metrics file is an error naming it."""
+    """Every metrics file of a folder named as the stages name them (<task>_<frac>_<row>_seed<S>.json; files of
+    older g2d versions, without a seed, are left to results.md's "other runs"); a file that is not a g2d
+    fine-tuning metrics file is an error naming it."""
     out = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for path in sorted(folder.glob("*_seed*.json")) if folder.is_dir() else []:
         try:
             m = json.loads(path.read_text())
             per = m.get("per_image") or {}
