@@ -532,7 +532,7 @@ def models_promote(
     from g2d import tracking
     from g2d.errors import ConfigError
 
-    if name is None and version is None:
+    if name is None and version is None and alias is None:
         from g2d.pipeline import promotion
 
         out = promotion.run(_params(params, set_))
@@ -542,7 +542,7 @@ def models_promote(
         return
     if name is None or version is None or alias is None:
         raise ConfigError("g2d models promote NAME VERSION --alias ALIAS sets an alias by hand; with no arguments "
-                          "the rule in params.promote decides")
+                          "the rule in params.promote decides (its alias: promote.alias)")
     tracking.promote(name, version, alias, uri=_tracking_uri(params, set_))
     typer.echo(f"{name}@{alias} -> version {version}")
 

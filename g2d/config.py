@@ -77,7 +77,7 @@ class Splits(Strict):
         return v
 
 
-def _written_as_floats(v):
+def _decimal_fractions(v):
     ints = [f for f in v if isinstance(f, int) and not isinstance(f, bool)] if isinstance(v, list | tuple) else []
     if ints:
         raise ValueError(f"write fractions as decimals ({ints[0]}.0, not {ints[0]}): DVC names each stage and "
@@ -375,7 +375,7 @@ class Matrix(Strict):
     @field_validator("fractions", mode="before")
     @classmethod
     def _written_as_floats(cls, v):
-        return _written_as_floats(v)
+        return _decimal_fractions(v)
 
     @field_validator("fractions")
     @classmethod
@@ -384,6 +384,7 @@ class Matrix(Strict):
 
 
 VARIANT_NAME = r"^[A-Za-z0-9_-]+$"
+TRANSFER_VARIANT = "encoder-decoder"  # the `transfer` stage's --variant (metrics/study/<task>_<frac>_encoder-decoder_*)
 
 
 def _check_overrides(sets: tuple[str, ...], where: str) -> tuple[str, ...]:
@@ -424,6 +425,8 @@ class Study(Strict):
             if not re.match(VARIANT_NAME, name):
                 raise ValueError(f"ablation name {name!r}: use letters, digits, '-' and '_' (it names files and "
                                  "DVC stages)")
+            if name == TRANSFER_VARIANT:
+                raise ValueError(f"ablation name {name!r} is the transfer stage's row; pick another name")
             _check_overrides(sets, f"ablation {name!r}")
         return v
 
@@ -435,7 +438,7 @@ class Study(Strict):
     @field_validator("fractions", mode="before")
     @classmethod
     def _written_as_floats(cls, v):
-        return _written_as_floats(v)
+        return _decimal_fractions(v)
 
     @field_validator("fractions")
     @classmethod
@@ -513,6 +516,9 @@ class Params(Strict):
             if unknown:
                 raise ValueError(f"matrix.{key} {unknown} are not names in finetune.inits "
                                  f"({', '.join(self.finetune.inits)}); add them there or use those names")
+        if self.promote.min_seeds > len(self.matrix.seeds):
+            raise ValueError(f"promote.min_seeds = {self.promote.min_seeds} but matrix.seeds has "
+                             f"{len(self.matrix.seeds)}: no version could qualify; lower it or add seeds")
         untrained = [i for i in self.matrix.encoders if self.finetune.inits[i] == "random"]
         if untrained:
             raise ValueError(f"matrix.encoders {untrained} name a random init: zero-shot needs a pre-trained encoder")

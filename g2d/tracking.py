@@ -48,8 +48,11 @@ __all__ = [
     "Run",
     "Terminated",
     "check_reachable",
+    "describe_version",
+    "find_runs",
     "flatten_params",
     "list_models",
+    "model_versions",
     "parse_model_ref",
     "project_root",
     "promote",
@@ -60,6 +63,7 @@ __all__ = [
     "start_run",
     "store_root",
     "tracking_uri",
+    "version_file",
 ]
 
 EXPERIMENT_PREFIX = "g2d-"
@@ -962,20 +966,22 @@ def pull_model(ref: str, out: Path, *, uri: str | None = None) -> Path:
     info = resolve_model(ref, uri=uri)
     store = tracking_uri(uri)
     client = _client(store)
+    return _download(client, store, info, "", Path(out))
+
+
+def _download(client: MlflowClient, store: str, info: ModelVersionInfo, name: str, out: Path) -> Path:
+    """A registered version's files (``name`` = "") or one of them, by the version's own source."""
     import mlflow.artifacts
 
     try:
         source = client.get_model_version_download_uri(info.name, str(info.version))
-        Path(out).mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=source, dst_path=str(out), tracking_uri=store
-        )
+        out.mkdir(parents=True, exist_ok=True)
+        uri = f"{source.rstrip('/')}/{name}" if name else source
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(out), tracking_uri=store))
     except Exception as exc:
-        raise RegistryError(
-            f"cannot download model {info.name!r} version {info.version} ({info.source}) from {store} "
-            f"into {out}: {exc}"
-        ) from exc
-    return Path(local)
+        what = f"{name} of model" if name else "model"
+        raise RegistryError(f"cannot download {what} {info.name!r} version {info.version} ({info.source}) from "
+                            f"{store} into {out}: {exc}") from exc
 
 
 def promote(name: str, version: int, alias: str, *, uri: str | None = None) -> None:
@@ -1015,16 +1021,7 @@ def model_versions(name: str, *, uri: str | None = None) -> list[ModelVersionInf
 def version_file(info: ModelVersionInfo, name: str, out: Path, *, uri: str | None = None) -> Path:
     """One file of a registered version (e.g. model.safetensors), downloaded into ``out``."""
     store = tracking_uri(uri)
-    client = _client(store)
-    import mlflow.artifacts
-
-    source = client.get_model_version_download_uri(info.name, str(info.version))
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/{name}",
-                                                        dst_path=str(out), tracking_uri=store))
-    except Exception as exc:
-        raise RegistryError(f"cannot download {name} of model {info.name!r} version {info.version} ({info.source}) "
-                            f"from {store}: {exc}") from exc
+    return _download(_client(store), store, info, name, Path(out))
 
 
 def find_runs(job: str, tags: Mapping[str, str], *, uri: str | None = None) -> list[dict[str, Any]]:
@@ -1038,8 +1035,11 @@ def find_runs(job: str, tags: Mapping[str, str], *, uri: str | None = None) -> l
     clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
     runs, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses), max_results=1000,
-                                  page_token=token)
+        try:
+            page = client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses), max_results=1000,
+                                      page_token=token)
+        except Exception as exc:
+            raise TrackingError(f"cannot search the {EXPERIMENT_PREFIX}{job} runs of {store}: {exc}") from exc
         runs.extend(page)
         token = getattr(page, "token", None)
         if not token:

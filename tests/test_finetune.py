@@ -280,7 +280,7 @@ def test_report_tables_and_curves(project):
          "seed": 42}))
     out = report.run(params(project, "matrix.fractions=[0.01, 1.0]", "matrix.seeds=[42, 43]"))
     md = out.markdown.read_text()
-    assert "## Table 1" in md and "## Table 4" in md and out.cells == 12 and "mean over 2 seeds" in md
+    assert "## Table 1" in md and "## Table 4" in md and out.cells == 12 and "(up to 2)" in md
     assert "`siim-seg_0.5_g2d_seed42.json`: siim-seg 0.5 init g2d" in md.split("## Other runs")[1]  # not tabled
     assert out.study.is_file() and "60.0 ± 1.4 [" in out.study.read_text()  # the study: the spread over seeds
     g2d_row = next(line for line in md.splitlines() if line.startswith("| G2D |") and "**" in line)

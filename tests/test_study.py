@@ -110,7 +110,7 @@ def test_missing_cells_are_counted_not_hidden(tmp_path):
 
 
 def test_one_seed_gives_no_interval_and_says_so(tmp_path):
-    params = load_params(ROOT / "params.yaml", ["matrix.seeds=[42]", "study.resamples=199"])
+    params = load_params(ROOT / "params.yaml", ["matrix.seeds=[42]", "promote.min_seeds=1", "study.resamples=199"])
     fake_study(tmp_path / "metrics", params)
     out = study.write(params, tmp_path / "metrics", tmp_path / "reports")
     assert "(n = 1, no interval)" in out.markdown.read_text()
@@ -148,3 +148,20 @@ def test_study_params_are_validated():
         load_params(ROOT / "params.yaml", ['study.ablations={"bad": ["paths.models=x"]}'])
     with pytest.raises(ConfigError, match=r"matrix.seeds.*distinct"):
         load_params(ROOT / "params.yaml", ["matrix.seeds=[1, 1]"])
+
+
+def test_promote_needs_as_many_seeds_as_it_asks_for():
+    from g2d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"promote.min_seeds = 3 but matrix.seeds has 2: no version could qualify"):
+        load_params(ROOT / "params.yaml", ["matrix.seeds=[42, 43]"])
+    with pytest.raises(ConfigError, match=r"ablation name 'encoder-decoder' is the transfer stage's row"):
+        load_params(ROOT / "params.yaml", ['study.ablations={"encoder-decoder": []}'])
+
+
+def test_a_cell_with_fewer_seeds_is_marked(tmp_path):
+    params = _params()
+    fake_study(tmp_path / "metrics", params)
+    (tmp_path / "metrics" / "finetune" / "siim-seg_0.01_g2d_seed44.json").unlink()
+    md = study.write(params, tmp_path / "metrics", tmp_path / "reports").markdown.read_text()
+    assert "(n = 2 of 3)" in md and "0 cell(s) not run yet (–) and 1 with fewer than 3 seeds" in md

@@ -8,9 +8,10 @@ and tiny, so only the orderings of rows can be compared, never the values.
 
 Keys: (task, fraction) -> value x 100, per row name of the study's tables. "global" is the paper's ConVIRT
 row (its only global-only image-text baseline). The ablation tables (5a, 5b, 5d, 5e, 5f, 8) report SIIM Dice,
-RSNA mAP and CXR14 AUC without naming the label fraction; their full-G2D row equals the 1% results of
-Table 1 (encoder + decoder for SIIM) and Table 3, so they are listed here as 1% with encoder + decoder
-transfer, which is how the study runs its ablations (params study.transfer)."""
+RSNA mAP and CXR14 AUC without naming the label fraction; their full-G2D row equals the 1% results (SIIM
+Dice of Table 1's encoder + decoder row, RSNA mAP of Table 1, CXR14 AUC of Table 3), so they are listed here
+as 1%, SIIM with encoder + decoder transfer, which is how the study runs its ablations (params
+study.transfer). The study does not fine-tune on CXR14, so that column is left out."""
 
 from __future__ import annotations
 

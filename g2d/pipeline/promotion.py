@@ -29,6 +29,7 @@ from g2d.data import manifest as mf
 from g2d.data import tasks
 from g2d.errors import RegistryError
 from g2d.pipeline import study_stats
+from g2d.pipeline.finetune import frac_label
 
 CARD = Path("reports") / "model_card.md"
 
@@ -53,11 +54,6 @@ class PromoteOutcome:
     card: Path
 
 
-def _frac_tag(frac: float) -> str:
-    """The `g2d.frac` tag of g2d train: 0.01 -> '0.01', 1 -> '1.0'."""
-    return repr(float(frac))
-
-
 def _per_seed(runs: list[dict], key: str) -> dict[int, float]:
     """seed -> the metric of the newest finished run of that seed (a rerun replaces an older run)."""
     newest: dict[int, dict] = {}
@@ -67,7 +63,8 @@ def _per_seed(runs: list[dict], key: str) -> dict[int, float]:
         seed = int(r["tags"]["g2d.seed"])
         if seed not in newest or r["start_time"] > newest[seed]["start_time"]:
             newest[seed] = r
-    return {s: float(r["metrics"][key]) for s, r in sorted(newest.items())}
+    return {s: float(r["metrics"][key]) for s, r in sorted(newest.items())
+            if math.isfinite(float(r["metrics"][key]))}  # a run that never validated (NaN) has no score
 
 
 def _finetune_runs(sha: str, uri: str | None, **tags: str) -> list[dict]:
@@ -83,7 +80,7 @@ def candidates(params: Params, tmp: Path) -> list[Candidate]:
         weights = tracking.version_file(info, "model.safetensors", tmp / f"v{info.version}", uri=uri)
         sha = mf.file_sha256(weights)
         weights.unlink()
-        runs = _finetune_runs(sha, uri, task=rule.task, frac=_frac_tag(rule.frac))
+        runs = _finetune_runs(sha, uri, task=rule.task, frac=frac_label(rule.frac))
         out.append(Candidate(info, sha, _per_seed(runs, key)))
     return out
 
@@ -97,11 +94,11 @@ def run(params: Params) -> PromoteOutcome:
             seen = ", ".join(f"v{c.version.version}: {len(c.scores)} seed(s)" for c in found) or "no versions"
             raise RegistryError(
                 f"promote: no version of {rule.model!r} has {rule.min_seeds} seeds of `g2d train --task {rule.task} "
-                f"--frac {_frac_tag(rule.frac)} --init <its weights>` in the store ({seen}); fine-tune it with more "
+                f"--frac {frac_label(rule.frac)} --init <its weights>` in the store ({seen}); fine-tune it with more "
                 "seeds (params matrix.seeds, `dvc repro`) or lower promote.min_seeds")
         best = max(ranked, key=lambda c: (c.mean, c.version.version))
+        text = card(params, best, ranked, Path(tmp))  # every download done before the alias moves
         tracking.promote(rule.model, best.version.version, rule.alias, uri=params.tracking.uri)
-        text = card(params, best, ranked, Path(tmp))
     path = tracking.project_root() / CARD
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from g2d.config import Params
+from g2d.config import TRANSFER_VARIANT, Params
 from g2d.data import tasks
 from g2d.errors import DataError
 from g2d.pipeline import paper_numbers, study_stats
 
-TRANSFER_VARIANT = "encoder-decoder"  # the `transfer` stage's --variant
 REFERENCE = "g2d"  # the ablations' reference: pseudo segmentation, everything on
 METRIC_TITLES = {"dice": "Dice", "map": "mAP", "auc": "AUC", "accuracy": "ACC"}
+INIT_TITLES = {"random": "Random init", "global": "Global only (ConVIRT / CLIP-style)", "g2d": "G2D"}
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,7 @@ def tables(params: Params) -> list[Table]:
     kinds = {t: tasks.get(t).kind for t in m.tasks}
     dense = tuple((t, f) for t in m.tasks if kinds[t] != "classification" for f in m.fractions)
     cls = tuple((t, f) for t in m.tasks if kinds[t] == "classification" for f in m.fractions)
-    inits = (Row("random", "Random init", False, "random"),
-             Row("global", "Global only (ConVIRT / CLIP-style)", False, "global"),
-             Row("g2d", "G2D", False, "g2d"))
-    inits = tuple(r for r in inits if r.key in m.inits)
+    inits = tuple(Row(i, INIT_TITLES[i], False, i) for i in INIT_TITLES if i in m.inits)
     pairs = tuple(p for p in (("g2d", "global"), ("g2d", "random"), ("global", "random"))
                   if p[0] in m.inits and p[1] in m.inits)
     out = []
@@ -228,16 +225,20 @@ def render_table(study: Study, table: Table) -> tuple[list[str], list[dict]]:
     head = "| Method | " + " | ".join(_col(t, f) for t, f in cols) + " |"
     rule = "|---|" + "---|" * len(cols)
     lines = [f"## {table.title}", "", table.note, "", head, rule]
-    missing = 0
+    missing = partial = 0
+    seeds = len(study.params.matrix.seeds)
     for row in table.rows:
         cells = []
         for t, f in cols:
             s = study.summary(row, t, f)
             missing += s is None
-            cells.append("–" if s is None else study_stats.format_cell(s, digits=1))
+            partial += s is not None and s.n < seeds
+            text = "–" if s is None else study_stats.format_cell(s, digits=1)
+            cells.append(text + (f" (n = {s.n} of {seeds})" if s is not None and 1 < s.n < seeds else ""))
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
-    if missing:
-        lines += ["", f"{missing} cell(s) not run yet (–): `dvc repro` runs them."]
+    if missing or partial:
+        lines += ["", f"{missing} cell(s) not run yet (–) and {partial} with fewer than {seeds} seeds (a seed not "
+                  "run yet, or a score that is not a number): `dvc repro` runs what is missing."]
     if table.paper and any(paper_numbers.paper_value(table.paper, r.paper or "", t, f) is not None
                            for r in table.rows for t, f in cols):
         lines += ["", f"The paper's numbers ({paper_numbers.SOURCE}); the data differ, so only the orderings "
@@ -341,8 +342,7 @@ def curves_figure(study: Study, path: Path) -> Path | None:
     from g2d.pipeline.figures import save_figure
 
     m = study.params.matrix
-    rows = [Row(i, {"random": "Random init", "global": "Global only", "g2d": "G2D"}.get(i, i), False)
-            for i in m.inits]
+    rows = [Row(i, INIT_TITLES.get(i, i), False) for i in m.inits]
     task_names = [t for t in m.tasks if any(r.task == t for r in study.matrix)]
     if not task_names:
         return None
@@ -354,7 +354,7 @@ def curves_figure(study: Study, path: Path) -> Path | None:
             if not pts:
                 continue
             xs = [f for f, _ in pts]
-            line = ax.plot(xs, [s.mean for _, s in pts], marker="o", label=row.label)[0]
+            line = ax.plot(xs, [s.mean for _, s in pts], marker="o", label=_short(row))[0]
             banded = [(f, s) for f, s in pts if s.ci is not None]
             if banded:
                 ax.fill_between([f for f, _ in banded], [s.ci[0] for _, s in banded], [s.ci[1] for _, s in banded],
@@ -386,13 +386,15 @@ def ablations_figure(checks: Sequence[dict], path: Path) -> Path | None:
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2), dpi=100)
+    labelled = False
     for i, c in enumerate(rows):
         cmp = c["comparison"]
         ax.errorbar([cmp.diff], [i], xerr=[[cmp.diff - cmp.ci[0]], [cmp.ci[1] - cmp.diff]], fmt="o",
-                    color="tab:blue", capsize=3)
+                    color="tab:blue", capsize=3, label=None if i else "SynthCXR, with its interval")
         if c["paper"] is not None:
             ax.plot([c["paper"]], [i], marker="x", color="tab:red", linestyle="none",
-                    label="paper" if i == 0 else None)
+                    label=None if labelled else "the paper")
+            labelled = True
     ax.axvline(0, color="grey", linewidth=1)
     ax.set_yticks(range(len(rows)), [f"{c['a']} − {c['b']} ({c['column']})" for c in rows],
                   fontsize=7)
@@ -400,8 +402,7 @@ def ablations_figure(checks: Sequence[dict], path: Path) -> Path | None:
     ax.set_xlabel("difference x 100 (> 0: the reference, G2D, is better)")
     ax.set_title("Reference minus each ablation, with intervals; x: the paper", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
-    if any(c["paper"] is not None for c in rows):
-        ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
