@@ -24,7 +24,11 @@ def dice_per_image(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_scores(probs: torch.Tensor, truth: torch.Tensor, threshold: float) -> dict[str, float]:
-    dice = dice_per_image(probs > threshold, truth)
+    return dice_scores(dice_per_image(probs > threshold, truth), truth)
+
+
+def dice_scores(dice: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Mean Dice over images, and apart over those with and without a finding."""
     positive = truth.flatten(1).any(1)
     out = {"dice": float(dice.mean()), "images": int(len(dice))}
     if positive.any():

@@ -1,7 +1,8 @@
 """The `finetune` stage: `g2d train --task T --frac F --init I` fine-tunes one downstream model on the
 label fraction F of task T's train split, starting from encoder I, keeps the weights that validate
-best, scores them on the test split, writes `metrics/finetune/<task>_<frac>_<init>.json`, logs the run
-to MLflow and registers the model as `g2d-<task>`. `evaluate` scores a registered model again.
+best, scores them on the test split, writes `metrics/finetune/<task>_<frac>_<init>_seed<S>.json`, logs the
+run to MLflow and registers the model as `g2d-<task>` (a study variant's as `g2d-<task>-<variant>`, so that
+`models:/g2d-<task>/latest` is always a plain fine-tuning). `evaluate` scores a registered model again.
 
 Every input is checked (task, fraction, init, data) before a run is opened, so a bad input leaves
 neither a run nor a registered version behind.
@@ -50,6 +51,10 @@ class FinetuneOutcome:
 def frac_label(frac: float) -> str:
     """0.01 -> '0.01', 1 -> '1.0': the spelling DVC gives the matrix's fractions."""
     return repr(float(frac))
+
+
+def registered_name(task: str, variant: str | None = None) -> str:
+    return f"g2d-{task}" if variant is None else f"g2d-{task}-{variant}"
 
 
 def init_label(name: str) -> str:
@@ -139,8 +144,8 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
     net = family.wrap(unet, spec, ft, config).to(dev, memory_format=setup.layout)
     encoder_before = {k: v.clone() for k, v in unet.encoder.state_dict().items()}
 
-    run_info = {"task": spec.name, "kind": spec.kind, "frac": frac, "init": start.name, "seed": seed, "variant": variant,
-                "dataset": str(folder), "train_images": len(chosen.ids)}
+    run_info = {"task": spec.name, "kind": spec.kind, "frac": frac, "init": start.name, "seed": seed,
+                "variant": variant, "dataset": str(folder), "train_images": len(chosen.ids)}
     tags = {"g2d.task": spec.name, "g2d.frac": frac_label(frac), "g2d.init": start.name,
             "g2d.init_source": start.source, "g2d.init_sha256": start.sha256, "g2d.seed": str(seed),
             "g2d.fraction_sha256": chosen.sha256, "g2d.fraction_source": chosen.source,
@@ -184,12 +189,13 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
         }
         if per_image:  # the study pairs two inits image by image (g2d/pipeline/study_stats.py)
             metrics["per_image"] = {"ids": list(data["test"].ids), **per_image}
-        tr.log_metrics({f"test/{k}": v for k, v in test.items() if isinstance(v, int | float) and not
-                        (isinstance(v, float) and math.isnan(v))}, step=result.steps)
-        tr.log_metrics({"best_step": result.best_step, "val_best": result.best_val}, step=result.steps)
+        logged = {**{f"test/{k}": v for k, v in test.items()}, "best_step": result.best_step,
+                  "val_best": result.best_val}
+        tr.log_metrics({k: v for k, v in logged.items() if isinstance(v, int | float) and math.isfinite(v)},
+                       step=result.steps)  # a NaN score (no positive val image) is in the metrics file, not here
         metrics_files.write(out_path, metrics)
         tr.log_artifact(out_path)
-        name = f"g2d-{spec.name}"
+        name = registered_name(spec.name, variant)
         with tempfile.TemporaryDirectory(prefix="g2d-finetune-") as tmp:
             title = (f"{spec.name}, {frac:.0%} labels, init {start.name}: test {spec.metric} "
                      f"{test.get(spec.metric, float('nan')):.3f}")

@@ -59,12 +59,10 @@ def probabilities(net: nn.Module, split: LabelledSplit) -> torch.Tensor:
 
 def evaluate(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict) -> dict:
     """The test scores, and each image's Dice (`per_image_dice`, in split order) for paired comparisons."""
-    from g2d.pipeline.downstream_metrics import dice_per_image
+    from g2d.pipeline.downstream_metrics import dice_per_image, dice_scores
 
-    probs = probabilities(net, split)
-    scores = segmentation_scores(probs, split.masks, config["threshold"])
-    dice = dice_per_image(probs > config["threshold"], split.masks)
-    return {**scores, "per_image_dice": [round(float(d), 6) for d in dice]}
+    dice = dice_per_image(probabilities(net, split) > config["threshold"], split.masks)
+    return {**dice_scores(dice, split.masks), "per_image_dice": [round(float(d), 6) for d in dice]}
 
 
 def figure(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict, n: int, title: str,
