@@ -151,6 +151,18 @@ def test_encoder_decoder_transfer_starts_from_the_pretrained_decoder(project):
     assert out.metrics["frozen_encoder"] is False and 0 <= out.metrics["score"] <= 1
 
 
+
+def test_a_study_variant_is_written_and_registered_apart(project):
+    """The study's runs must not become `models:/g2d-siim-seg/latest` nor a cell of the finetune matrix."""
+    out = finetune.run(params(project, "finetune.segmentation.transfer=encoder_decoder"), task="siim-seg",
+                       frac=1.0, init="g2d", variant="encoder-decoder")
+    assert out.metrics_path == project / "metrics" / "study" / "siim-seg_1.0_encoder-decoder_seed42.json"
+    assert out.metrics["variant"] == "encoder-decoder" and out.metrics["transfer"] == "encoder_decoder"
+    assert out.registered == "g2d-siim-seg-encoder-decoder" and "g2d-siim-seg" not in registered(project)
+    dice = out.metrics["per_image"]["dice"]
+    assert len(dice) == out.metrics["test_images"]
+    assert sum(dice) / len(dice) == pytest.approx(out.metrics["score"], abs=1e-6)  # stored to 6 decimals
+
 def test_linear_probe_and_random_init(project):
     out = finetune.run(params(project), task="chexpert-cls", frac=1.0, init="random", seed=3)
     m = out.metrics

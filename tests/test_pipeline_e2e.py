@@ -103,8 +103,10 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     assert len(cells) == 12
     assert "siim-seg_1.0_g2d_seed42.json" in cells and "chexpert-cls_1.0_random_seed43.json" in cells
     assert len(client.search_model_versions("name='g2d-chexpert-cls'")) == 6
-    # siim-seg: the matrix (6), encoder + decoder transfer (2 seeds), the two ablations (2 x 2 seeds)
-    assert len(client.search_model_versions("name='g2d-siim-seg'")) == 12
+    # siim-seg: the matrix (6); the study's runs register apart, one name per variant (2 seeds each)
+    assert len(client.search_model_versions("name='g2d-siim-seg'")) == 6
+    for variant in ("encoder-decoder", "g2d", "shuffled-masks"):
+        assert len(client.search_model_versions(f"name='g2d-siim-seg-{variant}'")) == 2
     [exp] = [e for e in client.search_experiments() if e.name == "g2d-finetune"]
     finetunes = client.search_runs([exp.experiment_id])
     assert len(finetunes) == 18 and all(r.info.status == "FINISHED" for r in finetunes)
