@@ -301,7 +301,8 @@ def test_report_tables_and_curves(project):
     assert lines.index(next(x for x in lines if x.startswith("| Random init"))) < lines.index(g2d_row)
     csv = (project / "reports" / "curves" / "siim-seg.csv").read_text().splitlines()
     assert csv[0] == "frac,random,global,g2d" and csv[2].startswith("1,")
-    assert out.figure.is_file() and out.figure.stat().st_size > 5000
+    assert out.figure == project / "reports" / "learning_curves.png" and out.figure.stat().st_size > 5000
+    assert "![learning_curves](learning_curves.png)" in out.study.read_text()  # one figure, both reports
     (folder / "broken.json").write_text("{")
     with pytest.raises(DataError, match="broken.json: not a g2d fine-tuning metrics file"):
         report.run(params(project, "matrix.fractions=[0.01, 1.0]", "matrix.seeds=[42, 43]"))

@@ -126,7 +126,7 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     for title in ("## Table 1", "## Table 4", "## Encoder-only vs encoder + decoder", "## Tables 5b, 5d, 5f and 8",
                   "## Which of the paper's orderings hold"):
         assert title in studied, title
-    assert (repo / "reports" / "study" / "learning_curves.png").stat().st_size > 10_000
+    assert (repo / "reports" / "study" / "ablations.png").stat().st_size > 10_000
     # promote: the rule in params gives g2d-encoder's only version the alias champion, and writes its card
     assert int(client.get_model_version_by_alias("g2d-encoder", "champion").version) == 1
     card = (repo / "reports" / "model_card.md").read_text()

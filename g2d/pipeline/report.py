@@ -1,8 +1,8 @@
 """The `report` stage: every `metrics/finetune/*.json` gathered into `reports/results.md`, laid out like
 the paper's Table 1 (segmentation Dice and detection mAP) and Table 4 (linear classification), with the
 zero-shot classification and grounding results (`metrics/zeroshot`, `metrics/grounding`, Table 2) beside
-their chance levels, and a learning-curve plot (test metric against label fraction, one line per init),
-as DVC plots and MLflow artifacts."""
+their chance levels, and the learning curves (test metric against label fraction, one line per init: the
+mean over seeds with its interval band, drawn by g2d/pipeline/study.py), as DVC plots and MLflow artifacts."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ BASELINES_FIRST = ("random", "global", "g2d")  # the paper's tables: baselines o
 class ReportOutcome:
     cells: int
     markdown: Path
-    figure: Path
+    figure: Path | None  # the learning curves
     run_id: str
     study: Path
 
@@ -225,34 +225,6 @@ def curves(rows: list[dict], inits: list[str], out_dir: Path) -> list[Path]:
     return written
 
 
-def figure(rows: list[dict], inits: list[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from g2d.pipeline.figures import save_figure
-
-    task_names = _order({r["task"] for r in rows}, list(tasks.TASKS))
-    fig, axes = plt.subplots(1, len(task_names), figsize=(3.6 * len(task_names), 3.2), dpi=100, squeeze=False)
-    for ax, t in zip(axes[0], task_names, strict=True):
-        mine = [r for r in rows if r["task"] == t]
-        for i in _order({r["init"] for r in mine}, inits):
-            pts = sorted((r["frac"], r["score"]) for r in mine if r["init"] == i and r["score"] is not None)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=INIT_TITLES.get(i, i))
-        ax.set_xscale("log")
-        fracs = sorted({r["frac"] for r in mine})
-        ax.set_xticks(fracs, [f"{f:.0%}" for f in fracs])
-        ax.minorticks_off()
-        ax.set_xlabel("labels used (share of train)")
-        ax.set_ylabel(METRIC_TITLES.get(tasks.get(t).metric, "score"))
-        ax.set_title(t, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Test metric against label fraction, one line per init", fontsize=10)
-    return save_figure(fig, path)
-
-
 def run(params: Params) -> ReportOutcome:
     root = tracking.project_root()
     source = resolve_path(root, params.paths.metrics) / "finetune"
@@ -276,19 +248,15 @@ def run(params: Params) -> ReportOutcome:
     extra = [r for r in zs + gr if r not in zs_in and r not in gr_in]
     md.write_text(markdown(rows, inits, others + extra, zeroshot_tables(zs_in, gr_in, models)))
     csvs = curves(rows, inits, out / "curves")
-    png = figure(rows, inits, out / "learning_curves.png")
     studied = study.write(params, metrics, out)
     with tracking.start_run("report", config=to_dict(params), uri=params.tracking.uri,
                             tags={"g2d.cells": str(len(rows))}) as tr:
-        for path in (md, png, *csvs):
-            tr.log_artifact(path, "report")
-        tr.log_artifact(studied.markdown, "report")
-        for path in studied.figures:
-            tr.log_artifact(path, "report/study")
+        for path in (md, *csvs, studied.markdown, *studied.figures):
+            tr.log_artifact(path, (Path("report") / path.parent.relative_to(out)).as_posix())  # as on disk
         tally = {}
         for c in studied.checks:
             if c["paper"] is not None:
                 key = c["verdict"].split(" (")[0].replace(" ", "_").replace(":", "")
                 tally[f"orderings/{key}"] = tally.get(f"orderings/{key}", 0) + 1
         tr.log_metrics(tally)
-    return ReportOutcome(len(rows), md, png, tr.run_id, studied.markdown)
+    return ReportOutcome(len(rows), md, studied.curves, tr.run_id, studied.markdown)

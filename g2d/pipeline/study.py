@@ -414,6 +414,7 @@ class StudyOutcome:
     markdown: Path
     figures: list[Path]
     checks: list[dict]
+    curves: Path | None  # reports/learning_curves.png, None without matrix results
 
 
 def write(params: Params, metrics: Path, out: Path) -> StudyOutcome:
@@ -428,11 +429,11 @@ def write(params: Params, metrics: Path, out: Path) -> StudyOutcome:
         lines += body
         checks += found
     lines += ordering_lines(checks)
-    figures = [f for f in (curves_figure(study, figures_dir / "learning_curves.png"),
-                           ablations_figure(checks, figures_dir / "ablations.png")) if f is not None]
+    curves = curves_figure(study, out / "learning_curves.png")  # also results.md's and DVC's plot
+    figures = [f for f in (curves, ablations_figure(checks, figures_dir / "ablations.png")) if f is not None]
     if figures:
-        lines += ["## Figures", ""] + [f"![{f.stem}](study/{f.name})" for f in figures] + [""]
+        lines += ["## Figures", ""] + [f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in figures] + [""]
     lines += data_lines(study)
     md = out / "study.md"
     md.write_text("\n".join(lines))
-    return StudyOutcome(md, figures, checks)
+    return StudyOutcome(md, figures, checks, curves)
