@@ -440,7 +440,8 @@ def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
 
     cfg = _params(params, set_)
     outcome = stage.run(cfg)
-    typer.echo(f"{outcome.cells} results -> {outcome.markdown}, {outcome.figure}; study -> {outcome.study}  "
+    typer.echo(f"{outcome.cells} results -> {outcome.markdown}, {outcome.figure or 'no curves'}; study -> "
+               f"{outcome.study}  "
                f"(MLflow run {outcome.run_id})")
 
 
@@ -536,7 +537,7 @@ def models_promote(
         from g2d.pipeline import promotion
 
         out = promotion.run(_params(params, set_))
-        for c in sorted(out.candidates, key=lambda c: -c.mean):
+        for c in out.candidates:  # the rule's order
             typer.echo(f"  v{c.version.version}: mean {c.mean:.4f} over {len(c.scores)} seeds")
         typer.echo(f"{out.name}@{out.alias} -> version {out.version}; model card {out.card}")
         return

@@ -225,6 +225,7 @@ def _multiple_of_32(v: int) -> int:
 # Downstream tasks, named after the datasets of the paper's tables; g2d/data/tasks.py says what each is.
 TASK_NAMES = ("siim-seg", "rsna-seg", "chexpert-cls", "rsna-cls", "covidx-cls", "rsna-det", "object-cxr-det")
 Task = Literal["siim-seg", "rsna-seg", "chexpert-cls", "rsna-cls", "covidx-cls", "rsna-det", "object-cxr-det"]
+SegmentationTask = Literal["siim-seg", "rsna-seg"]  # the tasks a U-Net decoder can transfer to
 
 
 class Steps(Strict):
@@ -385,6 +386,7 @@ class Matrix(Strict):
 
 VARIANT_NAME = r"^[A-Za-z0-9_-]+$"
 TRANSFER_VARIANT = "encoder-decoder"  # the `transfer` stage's --variant (metrics/study/<task>_<frac>_encoder-decoder_*)
+REFERENCE = "g2d"  # the ablation every other one is compared with: pseudo segmentation, everything on
 
 
 def _check_overrides(sets: tuple[str, ...], where: str) -> tuple[str, ...]:
@@ -412,8 +414,9 @@ class Study(Strict):
     fractions: tuple[float, ...] = Field((0.01,), min_length=1, description="... at these label fractions")
     transfer: Literal["encoder", "encoder_decoder"] = Field("encoder_decoder", description="segmentation transfer "
                                                              "of the ablations' fine-tuning")
-    transfer_tasks: tuple[Task, ...] = Field(("siim-seg",), description="segmentation tasks fine-tuned with "
-                                             "encoder + decoder transfer too, at matrix.fractions")
+    transfer_tasks: tuple[SegmentationTask, ...] = Field(("siim-seg",), description="segmentation tasks of "
+                                                         "matrix.tasks fine-tuned with encoder + decoder transfer too, "
+                                                         "at matrix.fractions")
     confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of every interval")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the paired tests")
     resamples: int = Field(9999, ge=99, description="bootstrap resamples")
@@ -453,6 +456,9 @@ class Study(Strict):
                              f"({', '.join(self.ablations) or 'none defined'})")
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"study.variants lists a name twice: {list(self.variants)}")
+        if self.variants and REFERENCE not in self.variants:
+            raise ValueError(f"study.variants {list(self.variants)}: add {REFERENCE!r}, the reference every "
+                             "ablation is compared with")
         return self
 
 
@@ -519,6 +525,14 @@ class Params(Strict):
         if self.promote.min_seeds > len(self.matrix.seeds):
             raise ValueError(f"promote.min_seeds = {self.promote.min_seeds} but matrix.seeds has "
                              f"{len(self.matrix.seeds)}: no version could qualify; lower it or add seeds")
+        if self.promote.task not in self.matrix.tasks or self.promote.frac not in self.matrix.fractions:
+            raise ValueError(f"promote ranks by {self.promote.task} at {self.promote.frac:g} of the labels, which "
+                             f"the matrix does not run (matrix.tasks {list(self.matrix.tasks)}, matrix.fractions "
+                             f"{list(self.matrix.fractions)}); pick a cell of the matrix")
+        off = [t for t in self.study.transfer_tasks if t not in self.matrix.tasks]
+        if off:
+            raise ValueError(f"study.transfer_tasks {off} are not in matrix.tasks {list(self.matrix.tasks)}: the "
+                             "encoder + decoder row is compared with the matrix's encoder-only runs; add them there")
         untrained = [i for i in self.matrix.encoders if self.finetune.inits[i] == "random"]
         if untrained:
             raise ValueError(f"matrix.encoders {untrained} name a random init: zero-shot needs a pre-trained encoder")

@@ -1025,7 +1025,8 @@ def version_file(info: ModelVersionInfo, name: str, out: Path, *, uri: str | Non
 
 
 def find_runs(job: str, tags: Mapping[str, str], *, uri: str | None = None) -> list[dict[str, Any]]:
-    """Finished runs of a job (g2d-<job>) whose tags have these values: run_id, start_time, tags, metrics."""
+    """Finished runs of a job (g2d-<job>) whose tags have these values: run_id, start_time, tags, params,
+    metrics."""
     store = tracking_uri(uri)
     _existing_store(store)
     client = _client(store)

@@ -136,7 +136,17 @@ def test_different_test_images_fall_back_to_pairing_by_seed(tmp_path):
     out = study.write(params, tmp_path / "metrics", tmp_path / "reports")
     c = next(c for c in out.checks if c["a"] == "G2D" and c["b"] == "Global only" and c["column"] ==
              "siim-seg Dice 1%")
-    assert c["paired"] == "seeds"
+    assert c["paired"] == "seeds (the runs' test images differ)"
+
+
+def test_two_files_of_one_run_are_refused(tmp_path):
+    params = _params()
+    fake_study(tmp_path / "metrics", params)
+    folder = tmp_path / "metrics" / "finetune"
+    (folder / "copy_of_seed42.json").write_text((folder / "siim-seg_0.01_g2d_seed42.json").read_text())
+    with pytest.raises(DataError, match=r"siim-seg_0.01_g2d_seed42.json: the same run \(siim-seg, 0.01 of the labels, "
+                                        r"g2d, seed 42\) as copy_of_seed42.json; keep one"):
+        study.write(params, tmp_path / "metrics", tmp_path / "reports")
 
 
 def test_study_params_are_validated():
@@ -148,6 +158,15 @@ def test_study_params_are_validated():
         load_params(ROOT / "params.yaml", ['study.ablations={"bad": ["paths.models=x"]}'])
     with pytest.raises(ConfigError, match=r"matrix.seeds.*distinct"):
         load_params(ROOT / "params.yaml", ["matrix.seeds=[1, 1]"])
+    with pytest.raises(ConfigError, match=r"study.variants \['heads-1', 'heads-2'\]: add 'g2d', the reference"):
+        _params(variants=["heads-1", "heads-2"])
+    with pytest.raises(ConfigError, match=r"study.transfer_tasks.0.*'siim-seg' or 'rsna-seg'"):
+        _params(transfer_tasks=["chexpert-cls"])
+    with pytest.raises(ConfigError, match=r"study.transfer_tasks \['rsna-seg'\] are not in matrix.tasks"):
+        _params(transfer_tasks=["rsna-seg"])
+    with pytest.raises(ConfigError, match=r"promote ranks by rsna-seg at 0.01 of the labels, which the matrix does "
+                                          r"not run"):
+        load_params(ROOT / "params.yaml", ["promote.task=rsna-seg"])
 
 
 def test_promote_needs_as_many_seeds_as_it_asks_for():
@@ -165,3 +184,5 @@ def test_a_cell_with_fewer_seeds_is_marked(tmp_path):
     (tmp_path / "metrics" / "finetune" / "siim-seg_0.01_g2d_seed44.json").unlink()
     md = study.write(params, tmp_path / "metrics", tmp_path / "reports").markdown.read_text()
     assert "(n = 2 of 3)" in md and "0 cell(s) not run yet (–) and 1 with fewer than 3 seeds" in md
+    diff = next(line for line in md.splitlines() if line.startswith("| G2D − Global only |") and "n = 2 of 3" in line)
+    assert diff.count("(n = 2 of 3)") == 1  # the paired difference too says it lost a seed

@@ -27,7 +27,7 @@ from g2d import tracking
 from g2d.config import Params
 from g2d.data import manifest as mf
 from g2d.data import tasks
-from g2d.errors import RegistryError
+from g2d.errors import ConfigError, RegistryError
 from g2d.pipeline import study_stats
 from g2d.pipeline.finetune import frac_label
 
@@ -50,7 +50,7 @@ class PromoteOutcome:
     name: str
     alias: str
     version: int
-    candidates: list[Candidate]
+    candidates: list[Candidate]  # those with enough seeds, best first
     card: Path
 
 
@@ -96,13 +96,15 @@ def run(params: Params) -> PromoteOutcome:
                 f"promote: no version of {rule.model!r} has {rule.min_seeds} seeds of `g2d train --task {rule.task} "
                 f"--frac {frac_label(rule.frac)} --init <its weights>` in the store ({seen}); fine-tune it with more "
                 "seeds (params matrix.seeds, `dvc repro`) or lower promote.min_seeds")
-        best = max(ranked, key=lambda c: (c.mean, c.version.version))
-        text = card(params, best, ranked, Path(tmp))  # every download done before the alias moves
-        tracking.promote(rule.model, best.version.version, rule.alias, uri=params.tracking.uri)
+        ranked.sort(key=lambda c: (c.mean, c.version.version), reverse=True)  # the rule's order, ties: newest
+        best = ranked[0]
+        text = card(params, best, ranked, Path(tmp))
+    # the card is written and attached before the alias moves: a failure leaves the old champion as it was
     path = tracking.project_root() / CARD
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     tracking.describe_version(rule.model, best.version.version, text, uri=params.tracking.uri)
+    tracking.promote(rule.model, best.version.version, rule.alias, uri=params.tracking.uri)
     with tracking.start_run("promote", config={"promote": params.promote.model_dump(mode="json")},
                             uri=params.tracking.uri,
                             tags={"g2d.promoted": f"{rule.model}@{rule.alias}={best.version.version}"}) as tr:
@@ -117,7 +119,7 @@ def _fmt(summary: study_stats.Summary) -> str:
 
 def results_table(params: Params, sha: str) -> list[str]:
     """Every fine-tuning result of these weights in the store: task x fraction, mean ± sd [interval] x 100."""
-    runs = _finetune_runs(sha, params.tracking.uri)
+    runs = [r for r in _finetune_runs(sha, params.tracking.uri) if "g2d.variant" not in r["tags"]]
     cells: dict[tuple[str, float], list[dict]] = {}
     for r in runs:
         cells.setdefault((r["tags"].get("g2d.task", "?"), float(r["tags"].get("g2d.frac", "nan"))), []).append(r)
@@ -127,10 +129,12 @@ def results_table(params: Params, sha: str) -> list[str]:
     for (task, frac), mine in sorted(cells.items()):
         try:
             metric = tasks.get(task).metric
-        except Exception:  # a task of another g2d version: show what the runs logged
+        except ConfigError:  # a task of another g2d version
+            lines.append(f"| {task} | {frac:.0%} | (a task this g2d does not know: {len(mine)} run(s)) | |")
             continue
         values = _per_seed(mine, f"test/{metric}")
         if not values:
+            lines.append(f"| {task} | {frac:.0%} | {metric}: no finite test score ({len(mine)} run(s)) | |")
             continue
         s = study_stats.summarise([100 * v for v in values.values()], confidence=params.study.confidence,
                                   n_resamples=params.study.resamples, seed=0)
@@ -145,7 +149,7 @@ def card(params: Params, best: Candidate, ranked: list[Candidate], tmp: Path) ->
     stage_params = tracking.version_file(info, "params.yaml", folder, uri=params.tracking.uri).read_text()
     model, level = config.get("model", {}), f"{params.study.confidence:.0%}"
     ranking = "\n".join(f"| v{c.version.version} | {100 * c.mean:.1f} | {len(c.scores)} | `{c.sha256[:16]}` |"
-                        for c in sorted(ranked, key=lambda c: -c.mean))
+                        for c in ranked)
     return f"""# {rule.model}@{rule.alias}: version {info.version}
 
 A G2D pre-trained chest X-ray encoder (Liu et al., NeurIPS 2024): {model.get('encoder')} U-Net image tower with
@@ -169,7 +173,8 @@ The rule in params.promote: the best mean over seeds of `{rule.score}` when fine
 
 ## Fine-tuning results of these weights
 Test metric x 100: mean ± sd over seeds [{level} bootstrap interval of the mean; with few seeds it is too
-narrow, see reports/study.md]. Every finished `g2d train` run in the store that started from these weights.
+narrow, see reports/study.md]. The newest finished `g2d train` run per seed in the store that started from these
+weights, study variants (`--variant`) left out.
 
 {chr(10).join(results_table(params, best.sha256))}
 

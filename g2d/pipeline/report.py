@@ -253,10 +253,6 @@ def run(params: Params) -> ReportOutcome:
                             tags={"g2d.cells": str(len(rows))}) as tr:
         for path in (md, *csvs, studied.markdown, *studied.figures):
             tr.log_artifact(path, (Path("report") / path.parent.relative_to(out)).as_posix())  # as on disk
-        tally = {}
-        for c in studied.checks:
-            if c["paper"] is not None:
-                key = c["verdict"].split(" (")[0].replace(" ", "_").replace(":", "")
-                tally[f"orderings/{key}"] = tally.get(f"orderings/{key}", 0) + 1
-        tr.log_metrics(tally)
+        tr.log_metrics({f"orderings/{k.replace(' ', '_').replace(':', '')}": v
+                        for k, v in study.tally(studied.checks).items()})
     return ReportOutcome(len(rows), md, studied.curves, tr.run_id, studied.markdown)

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from g2d.config import TRANSFER_VARIANT, Params
+from g2d.config import REFERENCE, TRANSFER_VARIANT, Params
 from g2d.data import tasks
 from g2d.errors import DataError
 from g2d.pipeline import paper_numbers, study_stats
 
-REFERENCE = "g2d"  # the ablations' reference: pseudo segmentation, everything on
 METRIC_TITLES = {"dice": "Dice", "map": "mAP", "auc": "AUC", "accuracy": "ACC"}
 INIT_TITLES = {"random": "Random init", "global": "Global only (ConVIRT / CLIP-style)", "g2d": "G2D"}
 
@@ -47,15 +46,18 @@ class Result:
 def read_results(folder: Path, study: bool) -> list[Result]:
     """Every metrics file of a folder named as the stages name them (<task>_<frac>_<row>_seed<S>.json; files of
     older g2d versions, without a seed, are left to results.md's "other runs"); a file that is not a g2d
-    fine-tuning metrics file is an error naming it."""
-    out = []
+    fine-tuning metrics file, or a second file of the same run, is an error naming it. Seeds outside
+    matrix.seeds and variants outside study.variants are read but left out of the tables; the Data table
+    counts every run read."""
+    out: list[Result] = []
+    seen: dict[tuple, str] = {}
     for path in sorted(folder.glob("*_seed*.json")) if folder.is_dir() else []:
         try:
             m = json.loads(path.read_text())
             per = m.get("per_image") or {}
             row = m["variant"] if study else m["init"]
             if row is None:
-                raise KeyError("variant")
+                raise KeyError("variant" if study else "init")
             out.append(Result(m["task"], float(m["frac"]), row, int(m["seed"]), m["metric"],
                               math.nan if m["score"] is None else float(m["score"]),
                               tuple(per["ids"]) if "ids" in per else None,
@@ -64,6 +66,12 @@ def read_results(folder: Path, study: bool) -> list[Result]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(f"{path}: not a g2d fine-tuning metrics file ({type(e).__name__}: {e}); delete it or "
                             "re-run its stage (`dvc repro`)") from None
+        r = out[-1]
+        key = (r.task, r.frac, r.row, r.seed)
+        if key in seen:
+            raise DataError(f"{path}: the same run ({r.task}, {r.frac:g} of the labels, {r.row}, seed {r.seed}) as "
+                            f"{seen[key]}; keep one of the two files")
+        seen[key] = path.name
     return out
 
 
@@ -83,6 +91,7 @@ class Table:
     columns: tuple[tuple[str, float], ...]
     comparisons: tuple[tuple[str, str], ...]  # (a, b): a - b, a being the row the paper favours
     paper: dict = field(default_factory=dict)
+    ablation: bool = False  # a table of pre-training variants (drawn in the forest plot)
 
 
 def _label(task: str) -> str:
@@ -128,23 +137,24 @@ def tables(params: Params) -> list[Table]:
           ("no-body-mask", "Without body mask"), ("no-smoothing", "Without smoothing"),
           ("shuffled-masks", "Shuffled masks")]),
         ("Table 5e: attention heads", "Heads of the attention pooling whose map makes the pseudo masks.",
-         [("heads-1", "1 head"), ("heads-2", "2 heads"), (REFERENCE, f"{heads} heads (G2D)"), ("heads-8", "8 heads")]),
+         [("heads-1", "1 head"), ("heads-2", "2 heads"), (REFERENCE, f"{heads} heads (G2D)"), ("heads-8", "8 heads")],
+         f"heads-{heads}"),  # the paper's row for the reference: its head count
     ]
     used = {REFERENCE}
-    for title, note, rows in ablation_tables:
+    for title, note, rows, *reference_key in ablation_tables:  # config: REFERENCE is in any non-empty variants
         present = [(k, lab) for k, lab in rows if k in s.variants]
-        if len(present) < 2 or REFERENCE not in s.variants:
+        if len(present) < 2:
             continue
-        paper_key = {REFERENCE: f"heads-{heads}" if title.startswith("Table 5e") else REFERENCE}
+        paper_key = {REFERENCE: reference_key[0] if reference_key else REFERENCE}
         table_rows = tuple(Row(k, lab, True, paper_key.get(k, k)) for k, lab in present)
         used |= {k for k, _ in present}
-        out.append(Table(title, note, table_rows, cols,
-                         tuple((REFERENCE, k) for k, _ in present if k != REFERENCE), paper_numbers.ABLATIONS))
+        out.append(Table(title, note, table_rows, cols, tuple((REFERENCE, k) for k, _ in present if k != REFERENCE),
+                         paper_numbers.ABLATIONS, ablation=True))
     others = [v for v in s.variants if v not in used]
-    if others and REFERENCE in s.variants:
+    if others:
         rows = (Row(REFERENCE, "G2D (reference)", True, None), *(Row(v, v, True, None) for v in others))
         out.append(Table("Other ablations (params study.ablations)", "Variants this study defines beyond the paper's.",
-                         rows, cols, tuple((REFERENCE, v) for v in others)))
+                         rows, cols, tuple((REFERENCE, v) for v in others), ablation=True))
     return out
 
 
@@ -172,14 +182,15 @@ class Study:
 
     def compare(self, a: Row, b: Row, task: str, frac: float, higher_is_better: bool = True
                 ) -> tuple[study_stats.Comparison | None, str]:
-        """a - b paired by seed, and by test image where both saved per-image Dice for the same images."""
+        """a - b paired by seed, and by test image where both saved per-image Dice for the same images. Seeds
+        that one row lacks or scored NaN are left out: the table shows n of the seeds, `paired` says over what."""
         ra, rb = self.runs(a, task, frac), self.runs(b, task, frac)
         seeds = sorted(set(ra) & set(rb))
         seeds = [s for s in seeds if not (math.isnan(ra[s].score) or math.isnan(rb[s].score))]
         if not seeds:
             return None, "not run"
-        images = all(ra[s].per_image is not None and rb[s].per_image is not None and ra[s].ids == rb[s].ids
-                     == ra[seeds[0]].ids for s in seeds)
+        saved = all(ra[s].per_image is not None and rb[s].per_image is not None for s in seeds)
+        images = saved and all(ra[s].ids == rb[s].ids == ra[seeds[0]].ids for s in seeds)
         if images:
             x = {s: 100 * np.asarray(ra[s].per_image) for s in seeds}
             y = {s: 100 * np.asarray(rb[s].per_image) for s in seeds}
@@ -188,7 +199,7 @@ class Study:
         st = self.params.study
         c = study_stats.compare(x, y, names=(a.label, b.label), higher_is_better=higher_is_better, alpha=st.alpha,
                                 confidence=st.confidence, n_resamples=st.resamples, seed=0)
-        return c, ("seeds x test images" if images else "seeds")
+        return c, ("seeds x test images" if images else "seeds (the runs' test images differ)" if saved else "seeds")
 
 
 def _row(table: Table, key: str) -> Row:
@@ -255,13 +266,14 @@ def render_table(study: Study, table: Table) -> tuple[list[str], list[dict]]:
             cells = []
             for t, f in cols:
                 c, paired = study.compare(a, b, t, f)
-                cells.append("–" if c is None else study_stats.format_comparison(c, digits=1))
+                cells.append("–" if c is None else study_stats.format_comparison(c, digits=1)
+                             + (f" (n = {c.n_seeds} of {seeds})" if c is not None and c.n_seeds < seeds else ""))
                 pa = paper_numbers.paper_value(table.paper, a.paper or "", t, f) if table.paper else None
                 pb = paper_numbers.paper_value(table.paper, b.paper or "", t, f) if table.paper else None
                 paper_diff = None if pa is None or pb is None else pa - pb
                 checks.append({"table": table.title, "a": _short(a), "b": _short(b), "column": _col(t, f),
                                "paper": paper_diff, "comparison": c, "paired": paired,
-                               "verdict": _verdict(c, paper_diff)})
+                               "verdict": _verdict(c, paper_diff), "ablation": table.ablation})
             lines.append(f"| {_short(a)} − {_short(b)} | " + " | ".join(cells) + " |")
     return lines + [""], checks
 
@@ -280,17 +292,23 @@ def ordering_lines(checks: Sequence[dict]) -> list[str]:
         ours = "–" if c["comparison"] is None else study_stats.format_comparison(c["comparison"], digits=1)
         out.append(f"| {c['table'].split(':')[0]} | {c['a']} − {c['b']} | {c['column']} | {c['paper']:+.1f} | "
                    f"{ours} | {c['paired']} | {c['verdict']} |")
-    tally: dict[str, int] = {}
-    for c in rows:
-        key = c["verdict"].split(" (")[0]
-        tally[key] = tally.get(key, 0) + 1
-    out += ["", "Tally: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())) + ".", ""]
+    out += ["", "Tally: " + ", ".join(f"{k} {v}" for k, v in sorted(tally(checks).items())) + ".", ""]
+    return out
+
+
+def tally(checks: Sequence[dict]) -> dict[str, int]:
+    """How many of the paper's orderings hold, are reversed, not resolved or not run."""
+    out: dict[str, int] = {}
+    for c in checks:
+        if c["paper"] is not None:
+            key = c["verdict"].split(" (")[0]
+            out[key] = out.get(key, 0) + 1
     return out
 
 
 def methods(params: Params, study: Study) -> list[str]:
     s, seeds = params.study, params.matrix.seeds
-    floor = 2 / 2 ** len(seeds)
+    floor = 2 / 2 ** len(seeds) if len(seeds) <= 16 else 2 / (s.resamples + 1)  # study_stats._sign_flip_p
     return [
         "# Study: the paper's comparisons on SynthCXR, with seeds and intervals", "",
         f"Generated by `g2d report` from `metrics/finetune` ({len(study.matrix)} runs) and `metrics/study` "
@@ -300,8 +318,8 @@ def methods(params: Params, study: Study) -> list[str]:
         "g2d/pipeline/study_stats.py), so read it as a lower bound on the uncertainty.",
         "",
         "Differences are paired: the same seed for both rows, and for Dice the same test images (a two-way "
-        "bootstrap over seeds and images). The p-value is an exact sign-flip test over seeds, valid for any "
-        f"distribution; with {len(seeds)} seeds it cannot fall below {floor:.3g}, so "
+        "bootstrap over seeds and images). The p-value is a sign-flip test over seeds (exact up to 16 seeds, "
+        f"then sampled), valid for any distribution; with {len(seeds)} seeds it cannot fall below {floor:.3g}, so "
         + ("no difference can be significant at alpha = "
            f"{s.alpha:g} with these seeds (add seeds in params matrix.seeds: 6 reach 0.031)." if floor >= s.alpha
            else f"differences with p < {s.alpha:g} are marked '*'."),
@@ -381,8 +399,7 @@ def ablations_figure(checks: Sequence[dict], path: Path) -> Path | None:
 
     from g2d.pipeline.figures import save_figure
 
-    rows = [c for c in checks if c["table"].startswith(("Table 5", "Tables 5", "Other"))
-            and c["comparison"] is not None and c["comparison"].ci is not None]
+    rows = [c for c in checks if c["ablation"] and c["comparison"] is not None and c["comparison"].ci is not None]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2), dpi=100)

@@ -139,7 +139,7 @@ def _t_ci(x: np.ndarray, confidence: float) -> tuple[float, float]:
 def _small_n_note(n: int, what: str = "values", hint: str = "; t_ci is exact under normality") -> str | None:
     if n >= SMALL_N:
         return None
-    return f"{n} {what}: a bootstrap interval undercovers at small n (a nominal 95% covers ~72% at n = 3){hint}"
+    return f"{n} {what}: a bootstrap interval undercovers at small n (a nominal 95% one covers ~72% at n = 3){hint}"
 
 
 def summarise(values: Sequence[float] | np.ndarray, confidence: float = 0.95, n_resamples: int = 9999,
