@@ -402,7 +402,7 @@ def ablations_figure(checks: Sequence[dict], path: Path) -> Path | None:
     rows = [c for c in checks if c["ablation"] and c["comparison"] is not None and c["comparison"].ci is not None]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.4), dpi=100)
     labelled = False
     for i, c in enumerate(rows):
         cmp = c["comparison"]
@@ -417,9 +417,9 @@ def ablations_figure(checks: Sequence[dict], path: Path) -> Path | None:
                   fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("difference x 100 (> 0: the reference, G2D, is better)")
-    ax.set_title("Reference minus each ablation, with intervals; x: the paper", fontsize=9)
+    fig.suptitle("Reference minus each ablation, with its interval; x: the paper", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)
 
 
