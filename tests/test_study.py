@@ -115,6 +115,7 @@ def test_one_seed_gives_no_interval_and_says_so(tmp_path):
     out = study.write(params, tmp_path / "metrics", tmp_path / "reports")
     assert "(n = 1, no interval)" in out.markdown.read_text()
     assert all(c["verdict"] in ("one seed: untested", "not run") for c in out.checks)
+    assert "ablations.png" in {f.name for f in out.figures}  # the points, without interval bars
 
 
 def test_a_broken_metrics_file_is_named(tmp_path):

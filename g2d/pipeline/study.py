@@ -391,7 +391,7 @@ def curves_figure(study: Study, path: Path) -> Path | None:
 
 
 def ablations_figure(checks: Sequence[dict], path: Path) -> Path | None:
-    """Each ablation's difference from the reference with its interval (a forest plot)."""
+    """Each ablation's difference from the reference with its interval (a forest plot; one seed: the point)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,15 +399,16 @@ def ablations_figure(checks: Sequence[dict], path: Path) -> Path | None:
 
     from g2d.pipeline.figures import save_figure
 
-    rows = [c for c in checks if c["ablation"] and c["comparison"] is not None and c["comparison"].ci is not None]
+    rows = [c for c in checks if c["ablation"] and c["comparison"] is not None]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.4), dpi=100)
     labelled = False
     for i, c in enumerate(rows):
         cmp = c["comparison"]
-        ax.errorbar([cmp.diff], [i], xerr=[[cmp.diff - cmp.ci[0]], [cmp.ci[1] - cmp.diff]], fmt="o",
-                    color="tab:blue", capsize=3, label=None if i else "SynthCXR, with its interval")
+        err = None if cmp.ci is None else [[cmp.diff - cmp.ci[0]], [cmp.ci[1] - cmp.diff]]
+        ax.errorbar([cmp.diff], [i], xerr=err, fmt="o", color="tab:blue", capsize=3,
+                    label=None if i else "SynthCXR, with its interval")
         if c["paper"] is not None:
             ax.plot([c["paper"]], [i], marker="x", color="tab:red", linestyle="none",
                     label=None if labelled else "the paper")
