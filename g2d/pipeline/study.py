@@ -41,6 +41,8 @@ class Result:
     data_hash: str | None
     fraction_sha256: str | None
     file: str
+    dice_positive: float | None = None  # segmentation: Dice over the test images with a finding
+    empty_correct: float | None = None  # ... and the share of those without one predicted empty
 
 
 def read_results(folder: Path, study: bool) -> list[Result]:
@@ -58,11 +60,13 @@ def read_results(folder: Path, study: bool) -> list[Result]:
             row = m["variant"] if study else m["init"]
             if row is None:
                 raise KeyError("variant" if study else "init")
+            test = m.get("test") or {}
             out.append(Result(m["task"], float(m["frac"]), row, int(m["seed"]), m["metric"],
                               math.nan if m["score"] is None else float(m["score"]),
                               tuple(per["ids"]) if "ids" in per else None,
                               tuple(float(v) for v in per["dice"]) if "dice" in per else None,
-                              m.get("data_hash"), m.get("fraction_sha256"), path.name))
+                              m.get("data_hash"), m.get("fraction_sha256"), path.name,
+                              test.get("dice_positive"), test.get("empty_correct")))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(f"{path}: not a g2d fine-tuning metrics file ({type(e).__name__}: {e}); delete it or "
                             "re-run its stage (`dvc repro`)") from None
@@ -117,7 +121,7 @@ def tables(params: Params) -> list[Table]:
                          "frozen encoder.", inits, cls, pairs, paper_numbers.TABLE_1_4))
     seg = tuple((t, f) for t in s.transfer_tasks for f in m.fractions)
     if seg and "g2d" in m.inits:
-        out.append(Table("Encoder-only vs encoder + decoder transfer (Table 1, last two rows)",
+        out.append(Table("Table 1, last rows: encoder-only vs encoder + decoder transfer",
                          "G2D's encoder alone (the `finetune` stage) against the encoder with its pre-trained U-Net "
                          "decoder (the `transfer` stage), both frozen-encoder protocol.",
                          (Row("g2d", "G2D, encoder", False, "encoder"),
@@ -172,9 +176,10 @@ class Study:
         pool = self.variants if row.study else self.matrix
         return {r.seed: r for r in pool if r.row == row.key and r.task == task and r.frac == frac and r.seed in seeds}
 
-    def summary(self, row: Row, task: str, frac: float) -> study_stats.Summary | None:
+    def summary(self, row: Row, task: str, frac: float, key: str = "score") -> study_stats.Summary | None:
+        """The cell over seeds; `key` another field of the runs (dice_positive, empty_correct)."""
         runs = self.runs(row, task, frac)
-        values = [100 * r.score for _, r in sorted(runs.items()) if not math.isnan(r.score)]
+        values = [100 * v for _, r in sorted(runs.items()) if (v := getattr(r, key)) is not None and not math.isnan(v)]
         if not values:
             return None
         s = self.params.study
@@ -250,6 +255,18 @@ def render_table(study: Study, table: Table) -> tuple[list[str], list[dict]]:
     if missing or partial:
         lines += ["", f"{missing} cell(s) not run yet (–) and {partial} with fewer than {seeds} seeds (a seed not "
                   "run yet, or a score that is not a number): `dvc repro` runs what is missing."]
+    if any(tasks.get(t).kind == "segmentation" for t, _ in cols):
+        lines += ["", "What the Dice cells are made of: Dice per image gives an image without a finding 1 when "
+                  "nothing is predicted, so a model that predicts nothing scores the share of such images (half of "
+                  "SynthCXR's test sets). Per cell, Dice on the test images with a finding (Dice+, x 100, mean ± sd) / "
+                  "the share of images without a finding predicted empty:", "", head, rule]
+        for row in table.rows:
+            cells = []
+            for t, f in cols:
+                pos, empty = (study.summary(row, t, f, k) for k in ("dice_positive", "empty_correct"))
+                cells.append("–" if pos is None or empty is None or tasks.get(t).kind != "segmentation" else
+                             f"{pos.mean:.1f}" + ("" if pos.n < 2 else f" ± {pos.sd:.1f}") + f" / {empty.mean:.0f}%")
+            lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     if table.paper and any(paper_numbers.paper_value(table.paper, r.paper or "", t, f) is not None
                            for r in table.rows for t, f in cols):
         lines += ["", f"The paper's numbers ({paper_numbers.SOURCE}); the data differ, so only the orderings "
