@@ -16,7 +16,7 @@ from g2d.config import Params, resolve_path, to_dict
 from g2d.data import tasks
 from g2d.errors import DataError
 from g2d.pipeline import study
-from g2d.pipeline.study import INIT_TITLES, METRIC_TITLES
+from g2d.pipeline.study import DICE_NOTE, INIT_TITLES, METRIC_TITLES
 
 REPORTS = "reports"
 BASELINES_FIRST = ("random", "global", "g2d")  # the paper's tables: baselines on top, the method last
@@ -182,9 +182,7 @@ def markdown(rows: list[dict], inits: list[str], others: list[dict] = (), zerosh
         out += table(rows, dense, inits, fracs) + [""]
     seg = [t for t in dense if tasks.get(t).kind == "segmentation"]
     if seg:
-        out += ["Dice per image gives an image without a finding 1 when nothing is predicted, so a model that "
-                "predicts nothing scores the share of such images (half of SynthCXR's test sets). Dice on the "
-                "test images that have a finding:", ""]
+        out += [f"{DICE_NOTE} Dice on the test images that have a finding:", ""]
         out += table(rows, seg, inits, fracs, key="dice_positive", title="Dice+") + [""]
     if cls:
         out += ["## Table 4: linear classification (macro AUC; accuracy for one-of-K tasks)", ""]

@@ -24,6 +24,8 @@ from g2d.pipeline import paper_numbers, study_stats
 
 METRIC_TITLES = {"dice": "Dice", "map": "mAP", "auc": "AUC", "accuracy": "ACC"}
 INIT_TITLES = {"random": "Random init", "global": "Global only (ConVIRT / CLIP-style)", "g2d": "G2D"}
+DICE_NOTE = ("Dice per image gives an image without a finding 1 when nothing is predicted, so a model that predicts "
+             "nothing scores the share of such images (half of SynthCXR's test sets).")
 
 
 @dataclass(frozen=True)
@@ -176,10 +178,14 @@ class Study:
         pool = self.variants if row.study else self.matrix
         return {r.seed: r for r in pool if r.row == row.key and r.task == task and r.frac == frac and r.seed in seeds}
 
-    def summary(self, row: Row, task: str, frac: float, key: str = "score") -> study_stats.Summary | None:
-        """The cell over seeds; `key` another field of the runs (dice_positive, empty_correct)."""
+    def values(self, row: Row, task: str, frac: float, key: str = "score") -> list[float]:
+        """The cell's per-seed values x 100 (seed order), NaN and missing left out; `key` another field of the
+        runs (dice_positive, empty_correct)."""
         runs = self.runs(row, task, frac)
-        values = [100 * v for _, r in sorted(runs.items()) if (v := getattr(r, key)) is not None and not math.isnan(v)]
+        return [100 * v for _, r in sorted(runs.items()) if (v := getattr(r, key)) is not None and not math.isnan(v)]
+
+    def summary(self, row: Row, task: str, frac: float) -> study_stats.Summary | None:
+        values = self.values(row, task, frac)
         if not values:
             return None
         s = self.params.study
@@ -256,16 +262,15 @@ def render_table(study: Study, table: Table) -> tuple[list[str], list[dict]]:
         lines += ["", f"{missing} cell(s) not run yet (–) and {partial} with fewer than {seeds} seeds (a seed not "
                   "run yet, or a score that is not a number): `dvc repro` runs what is missing."]
     if any(tasks.get(t).kind == "segmentation" for t, _ in cols):
-        lines += ["", "What the Dice cells are made of: Dice per image gives an image without a finding 1 when "
-                  "nothing is predicted, so a model that predicts nothing scores the share of such images (half of "
-                  "SynthCXR's test sets). Per cell, Dice on the test images with a finding (Dice+, x 100, mean ± sd) / "
-                  "the share of images without a finding predicted empty:", "", head, rule]
+        lines += ["", f"What the Dice cells are made of: {DICE_NOTE} Per cell, Dice on the test images with a finding "
+                  "(Dice+, x 100, mean ± sd) / the share of images without a finding predicted empty:", "", head, rule]
         for row in table.rows:
             cells = []
             for t, f in cols:
-                pos, empty = (study.summary(row, t, f, k) for k in ("dice_positive", "empty_correct"))
-                cells.append("–" if pos is None or empty is None or tasks.get(t).kind != "segmentation" else
-                             f"{pos.mean:.1f}" + ("" if pos.n < 2 else f" ± {pos.sd:.1f}") + f" / {empty.mean:.0f}%")
+                pos, empty = (study.values(row, t, f, k) for k in ("dice_positive", "empty_correct"))
+                cells.append("–" if not pos or not empty or tasks.get(t).kind != "segmentation" else
+                             f"{np.mean(pos):.1f}" + (f" ± {np.std(pos, ddof=1):.1f}" if len(pos) > 1 else "")
+                             + f" / {np.mean(empty):.0f}%")
             lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     if table.paper and any(paper_numbers.paper_value(table.paper, r.paper or "", t, f) is not None
                            for r in table.rows for t, f in cols):
