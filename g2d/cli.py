@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from g2d import __version__
-from g2d.errors import G2DError
+from g2d.errors import ConfigError, G2DError
 
 app = typer.Typer(help="G2D pre-training of chest X-ray encoders, tracked with DVC and MLflow.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -295,31 +295,41 @@ def preflight(
 def train(
     task: Annotated[str | None, typer.Option("--task", help="siim-seg, rsna-seg, chexpert-cls, rsna-cls, covidx-cls, "
                                              "rsna-det or object-cxr-det (default: finetune.task)")] = None,
-    frac: Annotated[str, typer.Option("--frac", help="label fraction of train, in (0, 1]")] = "0.01",
+    frac: Annotated[list[str] | None, typer.Option("--frac", help="label fraction of train, in (0, 1]; repeat for "
+                                                   "several (default: 0.01)")] = None,
     init: Annotated[str | None, typer.Option("--init", help="a name in finetune.inits (g2d, global, random), a model "
                                              "folder or checkpoint, or a registered model (models:/g2d-encoder/latest)"
                                              )] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="default: params seed")] = None,
+    seed: Annotated[list[int] | None, typer.Option("--seed", help="repeat for several (default: params seed)")] = None,
+    matrix: Annotated[bool, typer.Option("--matrix", help="every fraction and seed of the matrix: matrix.fractions "
+                                         "(study.fractions for a --variant in study.ablations) x matrix.seeds, in "
+                                         "one process (the DVC stages)")] = False,
     variant: Annotated[str | None, typer.Option("--variant", help="the run's row in the study (metrics/study/): a "
                                                 "name in study.ablations, or e.g. encoder-decoder")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Fine-tune on a label fraction, test at the best validation step, register g2d-<task> (the
-    `finetune` DVC stage)."""
+    """Fine-tune on label fractions (one cell per fraction and seed, one process), test the best val epoch's
+    weights, register g2d-<task> (the `finetune` DVC stages)."""
     from g2d.pipeline import finetune
     from g2d.progress import rich_progress
 
     cfg = _params(params, set_)
+    if matrix:
+        if frac or seed:
+            raise ConfigError("--matrix runs matrix.fractions x matrix.seeds; give it without --frac and --seed")
+        frac = [str(f) for f in (cfg.study.fractions if variant in cfg.study.ablations else cfg.matrix.fractions)]
+        seed = list(cfg.matrix.seeds)
     with rich_progress() as reporter:
-        outcome = finetune.run(cfg, task=task, frac=frac, init=init, seed=seed, variant=variant, reporter=reporter)
-    if outcome is None:  # a rank other than 0 of a torchrun job: rank 0 reports
-        return
-    m = outcome.metrics
-    typer.echo(f"{m['task']} {m['frac']:.0%} labels ({m['train_images']} images), init {m['init']}: test "
-               f"{m['metric']} {m['score']:.4f}  (best val {m['val_best']:.4f} at step {m['best_step']}/{m['steps']})")
-    typer.echo(f"registered {outcome.registered} version {outcome.version}; metrics {outcome.metrics_path}  "
-               f"(MLflow run {outcome.run_id})")
+        outcomes = finetune.run_cells(cfg, task=task, fracs=frac or ["0.01"], init=init, seeds=seed, variant=variant,
+                                      reporter=reporter)
+    for outcome in outcomes:  # none on a rank other than 0 of a torchrun job: rank 0 reports
+        m = outcome.metrics
+        typer.echo(f"{m['task']} {m['frac']:.0%} labels ({m['train_images']} images), init {m['init']}, seed "
+                   f"{m['seed']}: test {m['metric']} {m['score']:.4f}  (best val {m['monitor']} at epoch "
+                   f"{m['best_epoch']}/{m['epochs']}, {m['steps']} steps; val {m['metric']} {m['val_best']:.4f})")
+        typer.echo(f"  registered {outcome.registered} version {outcome.version}; metrics {outcome.metrics_path}  "
+                   f"(MLflow run {outcome.run_id})")
 
 
 @app.command("evaluate")
@@ -395,7 +405,6 @@ def ground(
 
 
 def _box(text: str | None) -> tuple[float, float, float, float] | None:
-    from g2d.errors import ConfigError
 
     if text is None:
         return None

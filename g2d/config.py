@@ -228,19 +228,35 @@ Task = Literal["siim-seg", "rsna-seg", "chexpert-cls", "rsna-cls", "covidx-cls",
 SegmentationTask = Literal["siim-seg", "rsna-seg"]  # the tasks a U-Net decoder can transfer to
 
 
-class Steps(Strict):
-    """A short, step-based fine-tuning recipe (AdamW, constant rate), validated every `eval_every` steps and
-    stopped after `patience` validations without improvement; the best validation state is kept."""
+class Recipe(Strict):
+    """MGCA's downstream recipe, which G2D follows: AdamW at a constant rate for at most `epochs` passes over the train
+    set (the same for every label fraction, so the number of steps grows with the data), validated after every
+    epoch, stopped after `patience` epochs without a better `monitor`; the weights of the best epoch are tested."""
 
-    batch_size: int = Field(16, ge=1)
-    max_steps: int = Field(60, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    eval_every: int = Field(20, ge=1)
-    patience: int = Field(2, ge=1, description="validations without improvement before stopping")
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(50, ge=1, description="at most; the same for every label fraction")
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    patience: int = Field(10, ge=1, description="epochs without a better monitored value before stopping")
+    monitor: Literal["loss", "score"] = Field("loss", description="what early stopping and the kept weights follow: "
+                                              "the val loss (lower is better) or the val score (higher is better)")
 
 
-class Segmentation(Steps):
+class Augment(Strict):
+    """MGCA's train augmentation for segmentation (albumentations' ShiftScaleRotate), as MONAI's RandAffine: the
+    image and its mask move together."""
+
+    p: float = Field(0.5, ge=0, le=1, description="probability that a train image is transformed; 0 = none")
+    shift: float = Field(0.0625, ge=0, lt=0.5, description="largest shift, as a share of the side")
+    scale: float = Field(0.1, ge=0, lt=1, description="largest change of scale, either way")
+    rotate: float = Field(10.0, ge=0, le=180, description="largest rotation, degrees")
+    views: int | None = Field(
+        4, ge=1, description="null: every image is transformed afresh at every step (MGCA; a frozen encoder then runs "
+        "on every batch); K: K transformed views of each train image are drawn once (seeded by params `seed`) and, "
+        "with a frozen encoder, encoded once; each epoch a sample is its view with probability p")
+
+
+class Segmentation(Recipe):
     freeze_encoder: bool = Field(True, description="the paper's protocol: only the decoder trains")
     transfer: Literal["encoder", "encoder_decoder"] = Field(
         "encoder", description="what the pre-trained model gives: the encoder, or the encoder and its U-Net decoder"
@@ -248,21 +264,28 @@ class Segmentation(Steps):
     threshold: float = Field(0.5, gt=0, lt=1, description="on the sigmoid, for Dice")
     prior: float = Field(0.01, gt=0, lt=1, description="foreground probability a fresh head starts at (its bias, "
                          "RetinaNet's prior): predictions start empty, not half foreground")
+    focal_weight: float = Field(10.0, ge=0, description="loss = focal_weight x focal - log(soft Dice) (MGCA)")
+    focal_gamma: float = Field(2.0, ge=0)
+    balanced: tuple[SegmentationTask, ...] = Field(
+        ("siim-seg",), description="tasks whose train set is every positive of the label fraction plus as many "
+        "negatives drawn with the run's seed (MGCA's SIIM protocol); val and test keep their prevalence")
+    augment: Augment = Augment()
 
 
-class Probe(Steps):
-    """Linear probe: the frozen encoder's pooled C5 features (standardised on train), one linear layer."""
+class Probe(Recipe):
+    """Linear probe: one linear layer on the frozen encoder's pooled last feature map."""
 
-    batch_size: int = Field(256, ge=1)
-    max_steps: int = Field(300, ge=1)
-    lr: float = Field(1e-2, gt=0)
-    eval_every: int = Field(25, ge=1)
-    patience: int = Field(4, ge=1)
+    batch_size: int = Field(48, ge=1)
+    standardise: bool = Field(True, description="standardise the features by their train mean and sd (g2d; MGCA "
+                              "feeds them as they are)")
 
 
-class Detection(Steps):
-    """torchvision RetinaNet on the encoder's last three feature maps with an FPN."""
+class Detection(Recipe):
+    """torchvision RetinaNet on the encoder's last three feature maps with an FPN (MGCA: YOLOv3, early stopping and
+    the kept weights by val mAP)."""
 
+    batch_size: int = Field(16, ge=1)
+    monitor: Literal["loss", "score"] = "score"
     freeze_encoder: bool = Field(True, description="the paper's protocol: the pre-trained backbone stays fixed")
     fpn_channels: int = Field(128, ge=8)
     score_threshold: float = Field(0.05, ge=0, lt=1, description="detections kept for mAP")
@@ -270,7 +293,7 @@ class Detection(Steps):
 
 
 class Finetune(Strict):
-    """`g2d train`: one task, one label fraction, one initialisation."""
+    """`g2d train`: one task and one initialisation, at one or more label fractions and seeds (cells)."""
 
     task: Task = Field("siim-seg", description="default --task")
     init: str = Field("g2d", description="default --init: a name in `inits`, a model folder / checkpoint path, a "
@@ -282,9 +305,11 @@ class Finetune(Strict):
     datasets: dict[Task, str] = Field({}, description="task -> dataset folder; absent = the SynthCXR default")
     image_size: int = Field(128, ge=32, le=1024, description="input size (the pre-training size)")
     overlays: int = Field(8, ge=1, le=32, description="test images drawn with their predictions")
-    segmentation: Segmentation = Segmentation()
+    feature_cache_gb: float = Field(8.0, ge=0, description="a frozen encoder's features are computed once per run "
+                                    "when they fit in this much memory; otherwise the encoder runs on every batch")
+    segmentation: Segmentation = Segmentation(weight_decay=0.05)
     probe: Probe = Probe()
-    detection: Detection = Detection(lr=5e-4)
+    detection: Detection = Detection()
 
     @field_validator("image_size")
     @classmethod

@@ -120,7 +120,8 @@ def test_segmentation_trains_registers_and_keeps_the_frozen_encoder(project):
     m = json.loads(out.metrics_path.read_text())
     assert out.metrics_path.name == "siim-seg_1.0_g2d_seed42.json"
     assert m["metric"] == "dice" and 0 <= m["score"] <= 1 and m["frozen_encoder"] is True
-    assert 1 <= m["best_step"] <= m["steps"] and m["test_images"] > 0
+    assert 1 <= m["best_epoch"] <= m["epochs"] <= m["steps"] and m["test_images"] > 0
+    assert m["features"] == "cached" and len(m["history"]) == m["epochs"]
     assert registered(project)["g2d-siim-seg"] == [1]
     # the registered model's encoder is bit-identical to the pre-trained one
     pulled = tracking.pull_model("g2d-siim-seg/latest", project / "pulled-seg")
@@ -156,7 +157,8 @@ def test_a_study_variant_is_written_and_registered_apart(project):
     """The study's runs must not become `models:/g2d-siim-seg/latest` nor a cell of the finetune matrix."""
     out = finetune.run(params(project, "finetune.segmentation.transfer=encoder_decoder"), task="siim-seg",
                        frac=1.0, init="g2d", variant="encoder-decoder")
-    assert out.metrics_path == project / "metrics" / "study" / "siim-seg_1.0_encoder-decoder_seed42.json"
+    assert out.metrics_path == (project / "metrics" / "study" / "siim-seg" / "encoder-decoder" /
+                                "siim-seg_1.0_encoder-decoder_seed42.json")
     assert out.metrics["variant"] == "encoder-decoder" and out.metrics["transfer"] == "encoder_decoder"
     assert out.registered == "g2d-siim-seg-encoder-decoder" and "g2d-siim-seg" not in registered(project)
     dice = out.metrics["per_image"]["dice"]
@@ -270,7 +272,7 @@ def test_train_cli_and_checkpoint_init(project):
     result = CliRunner().invoke(app, ["train", "--frac", "1", "--init", str(ckpt)])
     assert result.exit_code == 0, result.output
     assert "siim-seg 100% labels" in result.output and "registered g2d-siim-seg version" in result.output
-    m = json.loads(next((project / "metrics" / "finetune").glob("siim-seg_1.0_*.json")).read_text())
+    m = json.loads(next((project / "metrics" / "finetune").rglob("siim-seg_1.0_*.json")).read_text())
     assert m["init_source"] == "models/pretrain-checkpoints/checkpoint.pt"
 
 
@@ -313,33 +315,140 @@ def test_matrix_inits_must_be_named(project):
         params(project, 'matrix.inits=["g2d", "imagenet"]')
 
 
-def test_fit_stops_early_and_restores_the_best_weights():
-    """A scripted validation curve: best at the 2nd validation, then 2 worse ones with patience 2."""
-    from g2d.config import Steps
+def test_fit_stops_early_and_restores_the_best_val_loss_weights():
+    """A scripted val loss: lowest after epoch 2, then 2 epochs without a lower one with patience 2."""
+    from g2d.config import Recipe
 
     model = torch.nn.Linear(2, 1)
     x, y = torch.randn(8, 2), torch.randn(8, 1)
-    curve = iter([0.5, 0.7, 0.6, 0.4, 0.9])
+    curve = iter([0.5, 0.3, 0.4, 0.3, 0.1])
     snapshots = {}
 
-    def validate() -> float:
+    def validate() -> dict:
         snapshots[len(snapshots) + 1] = model.weight.detach().clone()
-        return next(curve)
+        return {"loss": next(curve), "score": 0.5}
 
-    recipe = Steps(batch_size=4, max_steps=20, lr=0.1, eval_every=2, patience=2)
-    result = loop.fit(model, 8, recipe, 0, lambda idx: ((model(x[idx]) - y[idx]) ** 2).mean(), validate)
-    assert (result.best_step, result.best_val, result.steps, result.stopped_early) == (4, 0.7, 8, True)
-    assert torch.equal(model.weight, snapshots[2])  # the weights validated at step 4, not the last ones
-    assert [h[0] for h in result.history] == list(range(1, 9))
+    recipe = Recipe(batch_size=4, epochs=20, lr=0.1, patience=2)
+    result = loop.fit(model, 8, recipe, 0, lambda idx, epoch: ((model(x[idx]) - y[idx]) ** 2).mean(), validate)
+    assert (result.best_epoch, result.best_loss, result.epochs, result.steps, result.stopped_early) == \
+        (2, 0.3, 4, 8, True)
+    assert torch.equal(model.weight, snapshots[2])  # the weights of epoch 2, not the last ones
+    assert [h[:2] for h in result.history] == [[1, 2], [2, 4], [3, 6], [4, 8]]
+    # monitored by the score instead (detection's mAP): the highest wins
+    curve = iter([0.5, 0.3, 0.4, 0.3, 0.1])
+    result = loop.fit(model, 8, recipe.model_copy(update={"monitor": "score"}), 0,
+                      lambda idx, epoch: ((model(x[idx]) - y[idx]) ** 2).mean(),
+                      lambda: {"loss": 1.0, "score": next(curve)})
+    assert (result.best_epoch, result.best_score, result.epochs) == (1, 0.5, 3)
 
 
-def test_batches_cycle_seeded_permutations():
-    source = loop.batches(5, 2, seed=1)
-    first = [next(source).tolist() for _ in range(4)]
-    assert all(len(b) == 2 and len(set(b)) == 2 for b in first)
-    again = loop.batches(5, 2, seed=1)
-    assert [next(again).tolist() for _ in range(4)] == first
-    assert next(loop.batches(3, 16, seed=0)).tolist() != [] and len(next(loop.batches(3, 16, seed=0))) == 3
+def test_steps_grow_with_the_train_set():
+    """Budgets are epochs: 10x the rows, 10x the steps (MGCA), the last partial batch kept."""
+    from g2d.config import Recipe
+
+    recipe = Recipe(batch_size=8, epochs=3, patience=10)
+    model = torch.nn.Linear(1, 1)
+
+    def steps(n: int) -> int:
+        x = torch.randn(n, 1)
+        return loop.fit(model, n, recipe, 0, lambda idx, epoch: model(x[idx]).pow(2).mean(),
+                        lambda: {"loss": 1.0, "score": 0.0}).steps
+
+    assert [steps(n) for n in (7, 70, 700)] == [3, 27, 264]
+    batches = loop.epoch_batches(17, 8, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [8, 8, 1] and sorted(torch.cat(batches).tolist()) == list(range(17))
+    assert [len(b) for b in loop.epoch_batches(17, 8, torch.Generator().manual_seed(0), world=2)] == [8, 9]
+
+
+def test_cached_maps_equal_the_frozen_encoder_output(project):
+    """The maps a cell trains on are the frozen encoder's on the same images, whichever rows a run asks for
+    first, and decoding them gives the network's own output."""
+    from g2d.pipeline.downstream import features, segmentation
+
+    p = params(project)
+    spec = tasks.get("siim-seg")
+    folder = tasks.dataset_folder(spec, p, project)
+    train = labelled.load_split(folder, mf.read_manifest(folder), "train", spec, p.finetune.image_size)
+    start = initialisation.resolve("g2d", p, project)
+    net = segmentation.wrap(initialisation.build_unet(start, False), spec, p.finetune, {}).eval()
+    cache = features.FeatureCache(1.0)
+    inputs = features.inputs(net, net.encoder, [train], None, None, frozen=True, cache=cache)
+    assert inputs.cached and cache.nbytes == 0  # nothing computed until asked
+    rows = torch.tensor([len(train) - 1, 0, 3])
+    got = inputs.maps[0](rows)
+    with torch.no_grad():
+        direct = net.encode(train.images[rows])
+        assert all(torch.equal(a, b) for a, b in zip(got, direct, strict=True))
+        assert torch.equal(net.decode(got), net(train.images[rows]))
+    whole = inputs.maps[0].all()
+    assert all(torch.equal(w[rows], g) for w, g in zip(whole, got, strict=True))
+    # the same encoder weights give the same cache entry
+    again = features.inputs(net, net.encoder, [train], None, None, frozen=True, cache=cache)
+    assert again.maps[0] is inputs.maps[0]
+    # too big for the budget: the encoder runs on every batch, with the same numbers
+    small = features.inputs(net, net.encoder, [train], None, None, frozen=True, cache=features.FeatureCache(1e-6))
+    assert not small.cached
+    assert all(torch.equal(a, b) for a, b in zip(small.maps[0](rows), got, strict=True))
+
+
+def test_balanced_train_set_is_every_positive_and_as_many_seeded_negatives(project):
+    p = params(project)
+    spec = tasks.get("siim-seg")
+    folder = tasks.dataset_folder(spec, p, project)
+    df = mf.read_manifest(folder)
+    train = labelled.load_split(folder, df, "train", spec, p.finetune.image_size)
+    chosen = labelled.fraction(folder, df, 1.0)
+    positive = {i for i, m in zip(train.ids, train.masks.flatten(1).any(1).tolist(), strict=True) if m}
+    out = labelled.balanced(chosen, train, seed=42)
+    kept_pos, kept_neg = set(out.ids) & positive, set(out.ids) - positive
+    assert kept_pos == positive & set(chosen.ids)
+    assert len(kept_neg) == min(len(kept_pos), len(set(chosen.ids) - positive))
+    assert out.ids == sorted(out.ids) and "balanced" in out.source and out.sha256 == labelled._ids_sha256(out.ids)
+    assert labelled.balanced(chosen, train, seed=42).ids == out.ids  # seeded
+    # with fewer positives than negatives, another seed draws other negatives
+    few = labelled.Fraction(1.0, sorted([*sorted(positive)[:2], *sorted(set(train.ids) - positive)]), "x", "hand")
+    draws = {tuple(labelled.balanced(few, train, seed=s).ids) for s in range(5)}
+    assert len(draws) > 1 and all(len(d) == 4 for d in draws)
+    empty = labelled.Fraction(0.5, sorted(set(train.ids) - positive), "x", "fractions/train_0.5.txt")
+    with pytest.raises(DataError, match=r"fractions/train_0.5.txt: the 0.5 label fraction of train \(\d+ images\) has "
+                                        r"no image with a finding.*finetune.segmentation.balanced to \[\]"):
+        labelled.balanced(empty, train, seed=42)
+
+
+def test_a_cell_alone_writes_the_bytes_of_the_grouped_stage(project):
+    """`g2d train --matrix` (every fraction and seed in one process, the DVC stage) and one cell on its own write
+    the same metrics file byte for byte, and more labels mean more steps."""
+    p = params(project, "matrix.fractions=[0.5, 1.0]", "matrix.seeds=[42, 7]")
+    result = CliRunner().invoke(app, ["train", "--task", "siim-seg", "--init", "random", "--matrix",
+                                      "--set", "matrix.fractions=[0.5, 1.0]", "--set", "matrix.seeds=[42, 7]"])
+    assert result.exit_code == 0, result.output
+    folder = project / "metrics" / "finetune" / "siim-seg" / "random"
+    grouped = {f.name: f.read_bytes() for f in sorted(folder.glob("*.json"))}
+    assert sorted(grouped) == ["siim-seg_0.5_random_seed42.json", "siim-seg_0.5_random_seed7.json",
+                               "siim-seg_1.0_random_seed42.json", "siim-seg_1.0_random_seed7.json"]
+    alone = finetune.run(p, task="siim-seg", frac=0.5, init="random", seed=7)
+    assert alone.metrics_path.read_bytes() == grouped["siim-seg_0.5_random_seed7.json"]
+    half, whole = (json.loads(grouped[f"siim-seg_{f}_random_seed42.json"]) for f in ("0.5", "1.0"))
+    assert whole["train_images"] > half["train_images"]
+    assert whole["steps"] / whole["epochs"] > half["steps"] / half["epochs"]
+    result = CliRunner().invoke(app, ["train", "--matrix", "--frac", "0.1"])
+    assert result.exit_code == 1 and "--matrix runs matrix.fractions x matrix.seeds; give it without --frac" in \
+        result.output
+
+
+def test_augmented_views_move_image_and_mask_together():
+    from g2d.config import Augment
+    from g2d.data import augment
+
+    images = torch.zeros(3, 1, 32, 32)
+    images[:, :, 8:20, 10:22] = 1.0
+    masks = images > 0.5
+    one = augment.views(Augment(views=2), images, masks, ["a", "b", "c"], seed=1)
+    alone = augment.views(Augment(views=2), images[1:2], masks[1:2], ["b"], seed=1)
+    assert len(one) == 2 and torch.equal(one[1][0][1:2], alone[1][0])  # a view depends on its image id only
+    for im, mk in one:
+        assert mk.dtype == torch.bool and not torch.equal(im, images)
+        assert ((im > 0.5) == mk).float().mean() > 0.97  # the mask went where the image went
 
 
 def test_multiclass_rows_need_one_known_label(tmp_path):

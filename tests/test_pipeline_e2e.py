@@ -99,7 +99,7 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     assert (repo / "pulled" / "model" / "model.safetensors").is_file(), pulled
 
     # finetune: the tiny matrix (2 tasks x 1 fraction x 3 inits x 1 seed), each cell a metrics file and a version
-    cells = sorted(p.name for p in (repo / "metrics" / "finetune").glob("*.json"))
+    cells = sorted(p.name for p in (repo / "metrics" / "finetune").rglob("*.json"))
     assert cells == sorted(f"{t}_1.0_{i}_seed42.json" for t in ("siim-seg", "chexpert-cls")
                            for i in ("g2d", "global", "random"))
     assert len(client.search_model_versions("name='g2d-chexpert-cls'")) == 3
@@ -110,17 +110,18 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     [exp] = [e for e in client.search_experiments() if e.name == "g2d-finetune"]
     finetunes = client.search_runs([exp.experiment_id])
     assert len(finetunes) == 9 and all(r.info.status == "FINISHED" for r in finetunes)
-    some = next(r for r in finetunes if r.data.tags["g2d.dvc_stage"] == "finetune@siim-seg-1.0-g2d-42")
+    some = next(r for r in finetunes if r.data.tags["g2d.dvc_stage"] == "finetune@siim-seg-g2d")
     assert {a.path for a in client.list_artifacts(some.info.run_id, "figures")} == {
         "figures/siim-seg_1.0_g2d_seed42_test.png"}
-    per_image = json.loads((repo / "metrics" / "finetune" / "siim-seg_1.0_g2d_seed42.json").read_text())["per_image"]
+    per_image = json.loads((repo / "metrics" / "finetune" / "siim-seg" / "g2d" / "siim-seg_1.0_g2d_seed42.json"
+                            ).read_text())["per_image"]
     assert len(per_image["ids"]) == len(per_image["dice"]) > 0
     # the study: each ablation pre-trained on the budget and registered, fine-tuned per seed; the report's tables
     for variant in ("g2d", "shuffled-masks"):
         ablation = json.loads((repo / "metrics" / "ablations" / f"{variant}.json").read_text())
         assert ablation["steps"] == 2
         assert client.search_model_versions(f"name='g2d-ablation-{variant}'")
-    assert sorted(p.name for p in (repo / "metrics" / "study").glob("*.json")) == [
+    assert sorted(p.name for p in (repo / "metrics" / "study").rglob("*.json")) == [
         f"siim-seg_1.0_{v}_seed42.json" for v in ("encoder-decoder", "g2d", "shuffled-masks")]
     studied = (repo / "reports" / "study.md").read_text()
     for title in ("## Table 1", "## Table 4", "## Table 1, last rows: encoder-only", "## Tables 5b, 5d, 5f and 8",
@@ -142,7 +143,7 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     assert "## Table 1" in results and "## Table 4" in results and "| G2D |" in results
     assert (repo / "reports" / "learning_curves.png").stat().st_size > 10_000
     shown = sh("dvc", "metrics", "show", "--json", cwd=repo, env=env)
-    assert "metrics/finetune/chexpert-cls_1.0_global_seed42.json" in shown
+    assert "metrics/finetune/chexpert-cls/global/chexpert-cls_1.0_global_seed42.json" in shown
     # zeroshot and ground: the encoders of matrix.encoders (tiny: G2D's) beside chance in the report (Table 2)
     for folder in ("zeroshot", "grounding"):
         m = json.loads((repo / "metrics" / folder / "synthcxr_g2d.json").read_text())
@@ -201,6 +202,6 @@ def test_train_and_evaluate_after_repro(clone):
         sh("dvc", "repro", cwd=repo, env=env)
     out = sh("g2d", "train", "--frac", "0.01", cwd=repo, env=env)
     assert "siim-seg 1% labels" in out and "init g2d" in out and "registered g2d-siim-seg version" in out
-    m = json.loads((repo / "metrics" / "finetune" / "siim-seg_0.01_g2d_seed42.json").read_text())
+    m = json.loads((repo / "metrics" / "finetune" / "siim-seg" / "g2d" / "siim-seg_0.01_g2d_seed42.json").read_text())
     shown = sh("g2d", "evaluate", "--task", "siim-seg", "--model", "models:/g2d-siim-seg/latest", cwd=repo, env=env)
     assert f"dice {m['score']:.4f}" in shown

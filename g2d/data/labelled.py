@@ -49,6 +49,26 @@ class LabelledSplit:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def subset(self, ids: list[str]) -> LabelledSplit:
+        """The rows of `ids`, in this split's order (a label fraction of a train split loaded once)."""
+        wanted = set(ids)
+        rows = [i for i, x in enumerate(self.ids) if x in wanted]
+        if len(rows) != len(wanted):
+            missing = sorted(wanted - set(self.ids))
+            raise DataError(f"{len(missing)} id(s) are not in the loaded {self.split} split, e.g. {missing[:3]}")
+        index = torch.tensor(rows, dtype=torch.long)
+
+        def pick(x):
+            return x[index.to(x.device)] if isinstance(x, torch.Tensor) else [x[i] for i in rows] if x else x
+
+        return LabelledSplit(self.split, [self.ids[i] for i in rows], pick(self.images), pick(self.masks),
+                             pick(self.labels), pick(self.boxes), pick(self.box_labels), self.dropped)
+
+    def positions(self, ids: list[str]) -> torch.Tensor:
+        """Row numbers of `ids` in this split."""
+        at = {x: i for i, x in enumerate(self.ids)}
+        return torch.tensor([at[x] for x in ids], dtype=torch.long)
+
     def to(self, device: torch.device) -> LabelledSplit:
         def move(x):
             return x.to(device) if isinstance(x, torch.Tensor) else [t.to(device) for t in x] if x else x
@@ -96,6 +116,25 @@ def fraction(folder: Path, df: pd.DataFrame, frac: float) -> Fraction:
                         f"subset; the smallest usable fraction is {1 / len(train):.4g}")
     ids = sorted(ranking[:n])
     return Fraction(frac, ids, _ids_sha256(ids), f"first {n} of the nested ranking of {FRACTIONS_DIR}/")
+
+
+def balanced(chosen: Fraction, train: LabelledSplit, seed: int) -> Fraction:
+    """MGCA's SIIM train set: every image of the label fraction with a finding, plus as many images without one
+    drawn with `seed` (all of them when there are fewer). Val and test are not touched: they keep the natural
+    prevalence."""
+    split = train.subset(chosen.ids)
+    positive = split.masks.flatten(1).any(1).tolist()
+    pos = [i for i, p in zip(split.ids, positive, strict=True) if p]
+    neg = [i for i, p in zip(split.ids, positive, strict=True) if not p]
+    if not pos:
+        raise DataError(f"{chosen.source}: the {chosen.frac:g} label fraction of train ({len(neg)} images) has no "
+                        "image with a finding, so a balanced train set is empty; use a larger --frac, or set "
+                        "finetune.segmentation.balanced to [] to train on the fraction as it is")
+    keep = np.random.default_rng(seed).choice(len(neg), size=min(len(pos), len(neg)), replace=False)
+    ids = sorted(pos + [neg[i] for i in keep])
+    return Fraction(chosen.frac, ids, _ids_sha256(ids),
+                    f"{chosen.source}, balanced: its {len(pos)} images with a finding and {len(keep)} of its "
+                    f"{len(neg)} without (seed {seed})")
 
 
 def _ranking(folder: Path, recorded: dict, train: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""G2D's two losses: global image-report alignment and the dense pretext loss."""
+"""G2D's two losses (global image-report alignment, the dense pretext loss) and the downstream segmentation
+loss of the paper's protocol."""
 
 from __future__ import annotations
 
@@ -41,6 +42,24 @@ class DenseLoss(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss(logits.float(), target.float())
+
+
+class SegmentationLoss(torch.nn.Module):
+    """The downstream segmentation loss of MGCA's protocol, which G2D follows:
+    `focal_weight` x focal(gamma) - log(soft Dice), the soft Dice taken over the whole batch with smoothing 1
+    (MONAI's FocalLoss and DiceLoss)."""
+
+    def __init__(self, focal_weight: float = 10.0, gamma: float = 2.0) -> None:
+        super().__init__()
+        from monai.losses import DiceLoss, FocalLoss
+
+        self.focal_weight = focal_weight
+        self.focal = FocalLoss(gamma=gamma, use_softmax=False)
+        self.dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1.0, smooth_dr=1.0)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = logits.float(), target.float()
+        return self.focal_weight * self.focal(logits, target) - torch.log(1 - self.dice(logits, target))
 
 
 def reconstruction_loss(output: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

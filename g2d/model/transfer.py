@@ -7,7 +7,9 @@
   used YOLOv3, which no maintained library here provides).
 
 A frozen encoder is frozen twice: no parameter requires grad, and it stays in eval mode, so batch-norm
-statistics do not drift either and its weights leave training bit-identical.
+statistics do not drift either and its weights leave training bit-identical. It is then a fixed function of
+the image, so each network splits into `encode` (the encoder's maps, which fine-tuning computes once per image
+and caches) and `decode` (everything after them, the part that trains): `decode(encode(x)) == forward(x)`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ class SegmentationNet(_KeepsFrozenEval):
     def encoder(self) -> nn.Module:
         return self.unet.encoder
 
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's maps the decoder reads (strides 2 to 32; the stride-1 input itself is not kept)."""
+        return self.unet.encoder(images)[1:]
+
+    def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """One logit map per image from `encode`'s maps. smp's decoder reads only the shape of the stride-1
+        entry (the input), so a zero-stride placeholder stands in for it."""
+        b, _, h, w = maps[0].shape
+        placeholder = maps[0].new_zeros(()).expand(b, 1, 2 * h, 2 * w)
+        return self.unet.segmentation_head(self.unet.decoder([placeholder, *maps]))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """One logit map per image, at the input size."""
         return self.unet(images)
@@ -68,6 +81,12 @@ class LinearProbe(_KeepsFrozenEval):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Global average of the last feature map (C5), (B, C)."""
         return self.encoder(images)[-1].mean(dim=(2, 3))
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.features(images)]
+
+    def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return self.classify(maps[0])
 
     def set_standardisation(self, train_features: torch.Tensor) -> None:
         self.mean.copy_(train_features.mean(0))
@@ -94,21 +113,56 @@ class EncoderFPN(_KeepsFrozenEval):
                                          extra_blocks=LastLevelP6P7(out_channels, out_channels))
         self.out_channels = out_channels
 
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.encoder(images)[-3:]
+
+    def decode(self, maps: list[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(maps)))
+
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        features = self.encoder(images)[-3:]
-        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
+        return self.decode(self.encode(images))
+
+
+def _retinanet():
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.image_list import ImageList
+
+    class Detector(RetinaNet):
+        """torchvision's RetinaNet, split like the other networks: `decode(maps, targets)` runs what follows
+        the encoder (FPN, head, anchors, then the loss or the detections). g2d's images are already at the
+        detector's size in [0, 1] with mean 0 / sd 1 normalisation, so torchvision's transform is the identity
+        and is skipped there."""
+
+        def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+            return self.backbone.encode(images)
+
+        def decode(self, maps: list[torch.Tensor], targets: list[dict] | None = None):
+            b, side = len(maps[0]), self.transform.min_size[0]
+            features = list(self.backbone.decode(maps).values())
+            head_outputs = self.head(features)
+            canvas = ImageList(maps[0].new_zeros(()).expand(b, 1, side, side), [(side, side)] * b)
+            anchors = self.anchor_generator(canvas, features)
+            if targets is not None:
+                return self.compute_loss(targets, head_outputs, anchors)
+            per_level = [x.size(2) * x.size(3) for x in features]
+            per_location = head_outputs["cls_logits"].size(1) // sum(per_level)
+            anchors_per_level = [n * per_location for n in per_level]
+            split_outputs = {k: list(v.split(anchors_per_level, dim=1)) for k, v in head_outputs.items()}
+            split_anchors = [list(a.split(anchors_per_level)) for a in anchors]
+            return self.postprocess_detections(split_outputs, split_anchors, canvas.image_sizes)
+
+    return Detector
 
 
 def build_detector(encoder: nn.Module, n_classes: int, image_size: int, fpn_channels: int, freeze_encoder: bool,
                    score_threshold: float, detections_per_image: int) -> nn.Module:
     """RetinaNet with anchors sized for `image_size` (16 px at stride 8 up to 256 px at P7). Images go in
     as they are ([0, 1], no re-normalisation, no resizing): as the encoder saw them in pre-training."""
-    from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     sizes = tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for s in (16, 32, 64, 128, 256))
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    model = RetinaNet(EncoderFPN(encoder, fpn_channels, freeze_encoder), num_classes=n_classes + 1,
+    model = _retinanet()(EncoderFPN(encoder, fpn_channels, freeze_encoder), num_classes=n_classes + 1,
                       min_size=image_size, max_size=image_size, image_mean=[0.0], image_std=[1.0],
                       anchor_generator=anchors, score_thresh=score_threshold,
                       detections_per_img=detections_per_image)

@@ -24,7 +24,16 @@ def dice_per_image(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_scores(probs: torch.Tensor, truth: torch.Tensor, threshold: float) -> dict[str, float]:
-    return dice_scores(dice_per_image(probs > threshold, truth), truth)
+    pred = probs > threshold
+    return {**dice_scores(dice_per_image(pred, truth), truth), "dice_pooled": pooled_dice(pred, truth)}
+
+
+def pooled_dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """Foreground Dice of all the split's pixels at once: empty images add nothing, so predicting nothing
+    scores 0 here however many empty images there are (per-image Dice gives each of them 1)."""
+    pred, truth = pred.bool(), truth.bool()
+    total = int(pred.sum()) + int(truth.sum())
+    return 2 * int((pred & truth).sum()) / total if total else math.nan
 
 
 def dice_scores(dice: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:

@@ -1,18 +1,22 @@
-"""The `finetune` stage: `g2d train --task T --frac F --init I` fine-tunes one downstream model on the
-label fraction F of task T's train split, starting from encoder I, keeps the weights that validate
-best, scores them on the test split, writes `metrics/finetune/<task>_<frac>_<init>_seed<S>.json`, logs the
-run to MLflow and registers the model as `g2d-<task>` (a study variant's as `g2d-<task>-<variant>`, so that
+"""The `finetune` stage: `g2d train --task T --init I --frac F... --seed S...` fine-tunes downstream models on
+label fractions F of task T's train split, starting from encoder I, one cell per (fraction, seed); each keeps the
+weights of its best val epoch, is scored on the test split, writes
+`metrics/finetune/<task>/<init>/<task>_<frac>_<init>_seed<S>.json`, is logged as its own MLflow run and registered
+as `g2d-<task>` (a study variant's as `g2d-<task>-<variant>` under metrics/study/<task>/<variant>/, so that
 `models:/g2d-<task>/latest` is always a plain fine-tuning). `evaluate` scores a registered model again.
 
-Every input is checked (task, fraction, init, data) before a run is opened, so a bad input leaves
+The cells of one process share what does not change between them: the imports, the data (the whole train
+split, loaded once; each cell takes its rows) and, for a frozen encoder, its maps (computed once per image,
+g2d/pipeline/downstream/features.py). A cell run alone writes the same metrics file, byte for byte, as in a group.
+Every input of every cell is checked (task, fractions, init, data) before a run is opened, so a bad input leaves
 neither a run nor a registered version behind.
 
 One process, or several under torchrun (`torchrun --nproc-per-node N --no-python g2d train ...`; DDP,
 g2d/pipeline/distributed.py): the task's batch size is the global batch, each rank trains on its share
 of every step's rows (g2d/pipeline/downstream/fit.py), so the steps and the result do not depend on the
 number of processes. Rank 0 alone loads val and test, validates, decides when to stop, scores the test
-split, writes the metrics file and figures, and logs and registers (one MLflow run, tagged
-g2d.world_size); the other ranks train, wait at a barrier and return None. `compute` applies as in
+split, writes the metrics file and figures, and logs and registers (one MLflow run per cell, tagged
+g2d.world_size); the other ranks train, wait at a barrier and return nothing. `compute` applies as in
 pre-training: autocast precision (auto = bf16 on CUDA, fp32 on CPU) and channels_last.
 """
 
@@ -32,7 +36,7 @@ from g2d.data import labelled, tasks
 from g2d.data import manifest as mf
 from g2d.errors import ConfigError
 from g2d.pipeline import distributed, initialisation, metrics_files, model_files, preflight, runtime
-from g2d.pipeline.downstream import classification, detection, segmentation
+from g2d.pipeline.downstream import classification, detection, features, segmentation
 from g2d.pipeline.downstream.fit import Setup, TrainingError
 from g2d.progress import Reporter, silent
 
@@ -62,11 +66,12 @@ def init_label(name: str) -> str:
 
 
 def metrics_path(params: Params, task: str, frac: float, init: str, seed: int, variant: str | None = None) -> Path:
-    """metrics/finetune/<task>_<frac>_<init>_seed<S>.json, the cell of the DVC matrix; a study variant's run
-    goes to metrics/study/<task>_<frac>_<variant>_seed<S>.json instead."""
+    """metrics/finetune/<task>/<init>/<task>_<frac>_<init>_seed<S>.json, a cell of the DVC stage of (task, init);
+    a study variant's run goes to metrics/study/<task>/<variant>/<task>_<frac>_<variant>_seed<S>.json instead."""
     root = tracking.project_root()
     folder, row = ("finetune", init_label(init)) if variant is None else ("study", init_label(variant))
-    return resolve_path(root, params.paths.metrics) / folder / f"{task}_{frac_label(frac)}_{row}_seed{seed}.json"
+    name = f"{task}_{frac_label(frac)}_{row}_seed{seed}.json"
+    return resolve_path(root, params.paths.metrics) / folder / task / row / name
 
 
 def parse_frac(text: str | float) -> float:
@@ -79,44 +84,54 @@ def parse_frac(text: str | float) -> float:
     return frac
 
 
-def _load_data(spec, folder: Path, image_size: int, train_ids: list[str], reporter: Reporter,
-               splits: tuple[str, ...] = ("train", "val", "test")):
-    df = mf.read_manifest(folder)
-    counts = {"train": len(train_ids), **{s: int((df["split"] == s).sum()) for s in ("val", "test")}}
-    advance = reporter.task(f"load {spec.name} images", sum(counts[s] for s in splits))
-    return {split: labelled.load_split(folder, df, split, spec, image_size,
-                                       ids=train_ids if split == "train" else None, progress=advance)
-            for split in splits}
+def _load_data(spec, folder: Path, df, image_size: int, reporter: Reporter, splits: tuple[str, ...]):
+    counts = {s: int((df["split"] == s).sum()) for s in splits}
+    advance = reporter.task(f"load {spec.name} images", sum(counts.values()))
+    return {split: labelled.load_split(folder, df, split, spec, image_size, progress=advance) for split in splits}
 
 
 def run(params: Params, task: str | None = None, frac: float | str = 0.01, init: str | None = None,
         seed: int | None = None, variant: str | None = None, reporter: Reporter = silent) -> FinetuneOutcome | None:
-    """Fine-tune, test, write, log and register. Under torchrun every rank trains its share of each batch
-    and only rank 0 does the rest and returns the outcome (the others return None). `variant` names the
-    run's row in the study (reports/study.md): its metrics go to metrics/study/."""
+    """One cell: `run_cells` with one fraction and one seed."""
+    outcomes = run_cells(params, task, [frac], init, None if seed is None else [seed], variant, reporter)
+    return outcomes[0] if outcomes else None
+
+
+def run_cells(params: Params, task: str | None = None, fracs: list[float | str] = (0.01,), init: str | None = None,
+              seeds: list[int] | None = None, variant: str | None = None,
+              reporter: Reporter = silent) -> list[FinetuneOutcome]:
+    """Fine-tune, test, write, log and register every (seed, fraction) cell. Under torchrun every rank trains its
+    share of each batch and only rank 0 does the rest and returns the outcomes (the others return []).
+    `variant` names the runs' row in the study (reports/study.md): their metrics go to metrics/study/."""
     ctx = distributed.from_environment()
     try:
-        return _run(params, ctx, task, frac, init, seed, variant, reporter if ctx.main else silent)
+        return _run_cells(params, ctx, task, fracs, init, seeds, variant, reporter if ctx.main else silent)
     finally:
         distributed.shutdown(ctx)
 
 
 def check_shares(ctx: distributed.Context, spec, ft, n_train: int) -> None:
-    """The task's global batch must split evenly over the ranks; a train set smaller than it is the batch
-    (its shares may then differ by one row, which fit.py weights) but must give every rank a row."""
-    ctx.shard(_recipe(spec, ft).batch_size, f"finetune.{_section(spec)}.batch_size")
+    """Every rank needs a row of the train set (the batch is checked before anything is loaded)."""
     if n_train < ctx.world:
         raise ConfigError(f"{spec.name}: {n_train} train image(s) cannot be shared by {ctx.world} processes (each "
                           "needs at least one); use a larger --frac or fewer processes")
 
 
-def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float | str, init: str | None,
-         seed: int | None, variant: str | None, reporter: Reporter) -> FinetuneOutcome | None:
+@dataclass
+class _Cell:
+    frac: float
+    seed: int
+    chosen: labelled.Fraction  # the label fraction
+    train: labelled.Fraction  # what trains: the fraction, or its balanced subset
+
+
+def _run_cells(params: Params, ctx: distributed.Context, task: str | None, fracs, init: str | None,
+               seeds: list[int] | None, variant: str | None, reporter: Reporter) -> list[FinetuneOutcome]:
     ft, compute = params.finetune, params.compute
     spec = tasks.get(task or ft.task)
-    frac = parse_frac(frac)
+    fracs = [parse_frac(f) for f in fracs]
+    seeds = [params.seed] if not seeds else list(seeds)
     init = init or ft.init
-    seed = params.seed if seed is None else seed
     if variant is not None and not re.match(VARIANT_NAME, variant):
         raise ConfigError(f"--variant {variant!r}: use letters, digits, '-' and '_' (it names the metrics file)")
     root = tracking.project_root()
@@ -124,32 +139,56 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
     checked = preflight.check(params, [folder], [resolve_path(root, params.paths.metrics), Path(tempfile.gettempdir())],
                               reporter, tracked=ctx.main)
     df = mf.read_manifest(folder)
-    chosen = labelled.fraction(folder, df, frac)
-    check_shares(ctx, spec, ft, len(chosen.ids))
+    chosen = {frac: labelled.fraction(folder, df, frac) for frac in fracs}
+    ctx.shard(_recipe(spec, ft).batch_size, f"finetune.{_section(spec)}.batch_size")  # the global batch splits
     start = initialisation.resolve(init, params, root)
     family = FAMILIES[spec.kind]
     dev = distributed.device(ctx)
     setup = Setup(ctx, dev, runtime.precision(compute.precision, dev), compute.channels_last)
     splits = ("train", "val", "test") if ctx.main else ("train",)  # rank 0 alone validates and tests
-    data = {s: d.to(dev) for s, d in _load_data(spec, folder, ft.image_size, chosen.ids, reporter, splits).items()}
+    data = {s: d.to(dev) for s, d in _load_data(spec, folder, df, ft.image_size, reporter, splits).items()}
+    train = data["train"]
+    balanced = spec.kind == "segmentation" and spec.name in ft.segmentation.balanced
+    cells = [_Cell(frac, seed, chosen[frac], labelled.balanced(chosen[frac], train, seed) if balanced
+                   else chosen[frac]) for seed in seeds for frac in fracs]
+    for cell in cells:
+        check_shares(ctx, spec, ft, len(cell.train.ids))
+    views = family.views(train, ft, params.seed)  # segmentation's augmented copies, drawn once
+    cache = features.FeatureCache(ft.feature_cache_gb)
     info = mf.read_info(folder)
     data_hash = info.get("sha256") or mf.dataset_hash(folder)
+    outcomes = []
+    for cell in cells:
+        outcome = _cell(params, ctx, spec, family, start, cell, data, views, cache, setup, variant, folder, info,
+                        data_hash, checked, reporter)
+        if outcome is not None:
+            outcomes.append(outcome)
+    return outcomes
 
+
+def _cell(params: Params, ctx, spec, family, start, cell: _Cell, data, views, cache, setup: Setup,
+          variant: str | None, folder: Path, info: dict, data_hash: str, checked, reporter: Reporter
+          ) -> FinetuneOutcome | None:
+    ft, frac, seed, chosen = params.finetune, cell.frac, cell.seed, cell.chosen
     runtime.seed_everything(seed)  # a random init (and a fresh decoder or head) depends on the seed only
     unet = initialisation.build_unet(start, family.uses_decoder(ft))
     config = {"kind": spec.kind, "task": spec.name, "model": start.model.model_dump(mode="json"),
               "image_size": ft.image_size, "init": start.name, "init_source": start.source,
               "init_sha256": start.sha256, "init_dense": start.dense, "frac": frac, "seed": seed,
-              "data_hash": data_hash, "fraction_sha256": chosen.sha256}
-    net = family.wrap(unet, spec, ft, config).to(dev, memory_format=setup.layout)
+              "data_hash": data_hash, "fraction_sha256": chosen.sha256, "train_sha256": cell.train.sha256}
+    net = family.wrap(unet, spec, ft, config).to(setup.dev, memory_format=setup.layout)
     encoder_before = {k: v.clone() for k, v in unet.encoder.state_dict().items()}
+    frozen = _frozen_encoder(spec, ft)
+    inputs = features.inputs(net, unet.encoder, views, data.get("val"), data.get("test"), frozen, cache)
+    rows = data["train"].positions(cell.train.ids)
+    recipe = _recipe(spec, ft)
 
     run_info = {"task": spec.name, "kind": spec.kind, "frac": frac, "init": start.name, "seed": seed,
-                "variant": variant, "dataset": str(folder), "train_images": len(chosen.ids)}
+                "variant": variant, "dataset": str(folder), "train_images": len(rows)}
     tags = {"g2d.task": spec.name, "g2d.frac": frac_label(frac), "g2d.init": start.name,
             "g2d.init_source": start.source, "g2d.init_sha256": start.sha256, "g2d.seed": str(seed),
             "g2d.fraction_sha256": chosen.sha256, "g2d.fraction_source": chosen.source,
-            "g2d.world_size": str(ctx.world), "g2d.precision": setup.precision,
+            "g2d.train_sha256": cell.train.sha256, "g2d.world_size": str(ctx.world), "g2d.precision": setup.precision,
             **({"g2d.variant": variant} if variant else {}), **mf.protocol_tags(info.get("protocol"))}
     out_path = metrics_path(params, spec.name, frac, start.name, seed, variant)
     tracked = (tracking.start_run("finetune", config={**to_dict(params), "run": run_info}, data_hash=data_hash,
@@ -157,20 +196,21 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
     with tracked as tr:
         tr.log_text(checked.text(), preflight.ARTIFACT)
         tr.log_dataset(f"{spec.name}-{folder.name}", source=str(folder / mf.MANIFEST), digest=data_hash,
-                       context="training", profile={s: len(d) for s, d in data.items()},
-                       tags={"fraction": frac_label(frac), "fraction_sha256": chosen.sha256})
-        recipe = _recipe(spec, ft)
-        advance = reporter.task(f"fine-tune {spec.name} {frac:.0%} labels, init {start.name}", recipe.max_steps)
+                       context="training", profile={"train": len(rows), **{s: len(d) for s, d in data.items()
+                                                                            if s != "train"}},
+                       tags={"fraction": frac_label(frac), "fraction_sha256": chosen.sha256,
+                             "train_sha256": cell.train.sha256})
+        advance = reporter.task(f"fine-tune {spec.name} {frac:.0%} labels, init {start.name}, seed {seed} (epochs)",
+                                recipe.epochs)
         try:
-            result = family.fit(net, data, spec, ft, seed, advance, tr.log_metrics, setup)
+            result = family.fit(net, inputs, rows, spec, ft, seed, advance, tr.log_metrics, setup)
         except runtime.NonFiniteLoss as e:
-            _non_finite(e, net, data["train"], params, out_path, ctx)
+            _non_finite(e, net, data["train"].subset(cell.train.ids), params, out_path, ctx)
         if not ctx.main:
             distributed.barrier(ctx)  # rank 0 tests, writes and registers
             return None
-        test = family.evaluate(net, data["test"], spec, config)
+        test = family.evaluate(net, data["test"], spec, config, inputs.test_maps)
         per_image = {k.removeprefix("per_image_"): test.pop(k) for k in list(test) if k.startswith("per_image_")}
-        frozen = _frozen_encoder(spec, ft)
         if frozen:  # the paper's frozen protocol, checked rather than assumed
             unchanged = all(torch.equal(encoder_before[k], v) for k, v in unet.encoder.state_dict().items())
             if not unchanged:
@@ -181,18 +221,24 @@ def _run(params: Params, ctx: distributed.Context, task: str | None, frac: float
             "init_source": start.source, "init_sha256": start.sha256, "init_dense": start.dense, "seed": seed,
             "variant": variant, "transfer": config.get("transfer"),
             "frozen_encoder": frozen, "test": test, "score": test.get(spec.metric),
-            "val_best": result.best_val, "best_step": result.best_step, "steps": result.steps,
-            "stopped_early": result.stopped_early, "train_images": len(data["train"]),
+            "monitor": recipe.monitor, "val_best": result.best_score, "val_loss": result.best_loss,
+            "best_epoch": result.best_epoch, "epochs": result.epochs, "steps": result.steps,
+            "stopped_early": result.stopped_early,
+            "recipe": {k: getattr(recipe, k) for k in ("batch_size", "epochs", "lr", "weight_decay", "patience")},
+            "features": ("cached" if inputs.cached else "per batch") if frozen else "encoder trains",
+            "train_images": len(rows), "fraction_images": len(chosen.ids),
             "val_images": len(data["val"]), "test_images": len(data["test"]),
             "dropped": {s: d.dropped for s, d in data.items() if d.dropped},
             "data_hash": data_hash, "fraction_sha256": chosen.sha256, "fraction_source": chosen.source,
+            "train_sha256": cell.train.sha256, "train_source": cell.train.source,
+            "history": [[round(v, 6) if isinstance(v, float) else v for v in row] for row in result.history],
         }
         if per_image:  # the study pairs two inits image by image (g2d/pipeline/study_stats.py)
             metrics["per_image"] = {"ids": list(data["test"].ids), **per_image}
-        logged = {**{f"test/{k}": v for k, v in test.items()}, "best_step": result.best_step,
-                  "val_best": result.best_val}
+        logged = {**{f"test/{k}": v for k, v in test.items()}, "best_epoch": result.best_epoch,
+                  "val_best": result.best_score}
         tr.log_metrics({k: v for k, v in logged.items() if isinstance(v, int | float) and math.isfinite(v)},
-                       step=result.steps)  # a NaN score (no positive val image) is in the metrics file, not here
+                       step=result.epochs)  # a NaN score (no positive val image) is in the metrics file, not here
         metrics_files.write(out_path, metrics)
         tr.log_artifact(out_path)
         name = registered_name(spec.name, variant)
@@ -255,7 +301,8 @@ def _card(name: str, config: dict, metrics: dict, run_id: str) -> str:
 ## Test metrics
 {test}
 
-Best validation at step {metrics['best_step']} of {metrics['steps']}. MLflow run `{run_id}`.
+Kept the weights of epoch {metrics['best_epoch']} of {metrics['epochs']} ({metrics['steps']} steps; best val
+{metrics['monitor']}). MLflow run `{run_id}`.
 
 ## Intended use and limits
 Research on label efficiency of pre-trained chest X-ray encoders. Trained on SynthCXR unless the data hash

@@ -33,7 +33,7 @@ class ReportOutcome:
 
 def collect(folder: Path) -> list[dict]:
     rows = []
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(folder.rglob("*.json")):
         try:
             m = json.loads(path.read_text())
             rows.append({"task": m["task"], "frac": float(m["frac"]), "init": m["init"], "metric": m["metric"],

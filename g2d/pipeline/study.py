@@ -55,7 +55,7 @@ def read_results(folder: Path, study: bool) -> list[Result]:
     counts every run read."""
     out: list[Result] = []
     seen: dict[tuple, str] = {}
-    for path in sorted(folder.glob("*_seed*.json")) if folder.is_dir() else []:
+    for path in sorted(folder.rglob("*_seed*.json")) if folder.is_dir() else []:
         try:
             m = json.loads(path.read_text())
             per = m.get("per_image") or {}

@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_distributed_finetune.py: the fine-tuning loop (g2d/pipeline/downstream/
 fit.py) on N ranks against the same loop in one process, on a train set smaller than the batch whose rows do
 not split evenly (5 rows over 2 ranks: shares of 3 and 2, weighted), through a batch norm over the global batch
-and with early stopping decided on rank 0. Prints one line per rank: rank, steps, best step, the largest
+and with early stopping decided on rank 0. Prints one line per rank: rank, steps, best epoch, the largest
 relative difference of the weights and of the logged losses."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from g2d.config import Steps
+from g2d.config import Recipe
 from g2d.pipeline import distributed
 from g2d.pipeline.downstream import fit as loop
 
@@ -25,17 +25,18 @@ def main() -> None:
     reference = copy.deepcopy(model)
     x, y = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), torch.randn(5, 1)
     xv, yv = torch.randn(6, 3), torch.randn(6, 1)
-    recipe = Steps(batch_size=8, max_steps=30, lr=0.05, eval_every=2, patience=2)
+    recipe = Recipe(batch_size=8, epochs=30, lr=0.05, patience=2, monitor="score")
 
     def run(net: nn.Module, setup: loop.Setup) -> tuple[loop.FitResult, list[float]]:
         trained = setup.wrap(net)
         losses: list[float] = []
 
-        def step_loss(idx: torch.Tensor) -> torch.Tensor:
+        def step_loss(idx: torch.Tensor, epoch: int) -> torch.Tensor:
             return ((trained(x[idx]) - y[idx]) ** 2).mean()
 
-        def validate() -> float:
-            return -float(((net(xv) - yv) ** 2).mean())
+        def validate() -> dict:
+            loss = float(((net(xv) - yv) ** 2).mean())
+            return {"loss": loss, "score": -loss}
 
         def log(metrics: dict, step: int) -> None:
             if "train/loss" in metrics:
@@ -50,7 +51,7 @@ def main() -> None:
                 for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True)
                 if a.is_floating_point()) if ctx.main else 0.0
     loss_gap = max(abs(a - b) / abs(b) for a, b in zip(two_losses, one_losses, strict=True))
-    print(f"rank {ctx.rank} steps {one.steps} {two.steps} best {one.best_step} {two.best_step} stopped "
+    print(f"rank {ctx.rank} steps {one.steps} {two.steps} best {one.best_epoch} {two.best_epoch} stopped "
           f"{one.stopped_early} {two.stopped_early} weights {worst:.3e} losses {loss_gap:.3e}", flush=True)
     distributed.shutdown(ctx)
 

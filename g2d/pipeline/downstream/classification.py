@@ -1,6 +1,6 @@
-"""Linear probe (CheXpert, RSNA, COVIDx): the frozen encoder's pooled features are computed once, a
-linear layer is trained on them (BCE per label; cross-entropy for one-of-K), scored by macro AUC or
-accuracy. Uncertain and missing labels (NaN) are left out of loss and metrics."""
+"""Linear probe (CheXpert, RSNA, COVIDx) by MGCA's protocol: one linear layer on the frozen encoder's pooled last
+map (computed once per image, g2d/pipeline/downstream/features.py), BCE per label (cross-entropy for one-of-K),
+scored by macro AUC or accuracy. Uncertain and missing labels (NaN) are left out of loss and metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from g2d.config import Finetune
 from g2d.data.labelled import LabelledSplit
 from g2d.data.tasks import TaskSpec
 from g2d.model.transfer import LinearProbe
+from g2d.pipeline.downstream import features
 from g2d.pipeline.downstream import fit as loop
 from g2d.pipeline.downstream_metrics import accuracy_scores, auc_scores
 
@@ -31,6 +32,10 @@ def uses_decoder(cfg: Finetune) -> bool:
     return False
 
 
+def views(train: LabelledSplit, cfg: Finetune, seed: int) -> list[LabelledSplit]:
+    return [train]
+
+
 def _loss(logits: torch.Tensor, labels: torch.Tensor, multiclass: bool) -> torch.Tensor:
     if multiclass:
         return F.cross_entropy(logits, labels.argmax(1))
@@ -44,29 +49,33 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, spec: TaskSpec) -> dict:
     return auc_scores(torch.sigmoid(logits), labels, spec.labels)
 
 
-def fit(net: LinearProbe, data: dict[str, LabelledSplit], spec: TaskSpec, cfg: Finetune, seed: int,
+def fit(net: LinearProbe, inputs: features.Inputs, rows: torch.Tensor, spec: TaskSpec, cfg: Finetune, seed: int,
         advance, log, setup: loop.Setup = loop.SINGLE) -> loop.FitResult:
-    """`data["val"]` is needed on rank 0 only (the rank that validates)."""
-    train, val = data["train"], data.get("val")
-    # the frozen encoder's features, once: each rank computes its share of the rows and all get them all
-    features = loop.on_shares(net.features, train.images, setup.ctx)
-    if len(train) > 1:  # one image has no spread to standardise by
-        net.set_standardisation(features)
-    standardised = (features - net.mean) / net.std  # what `classify` feeds the head, row by row
+    """Train on the rows `rows` of the train split. `inputs.val` is needed on rank 0 only."""
+    train = inputs.views[0]
+    [pooled] = inputs.maps[0](rows)  # the frozen encoder's pooled maps of the cell's rows
+    if cfg.probe.standardise and len(rows) > 1:  # one image has no spread to standardise by
+        net.set_standardisation(pooled)
+    labels = train.labels[rows]
     head = setup.wrap(net.head)  # the only trainable part
-    val_features = loop.in_batches(net.features, val.images) if val is not None else None
+    standardised = (pooled - net.mean) / net.std  # what `classify` feeds the head, row by row
 
-    def step_loss(idx: torch.Tensor) -> torch.Tensor:
-        return _loss(head(standardised[idx]), train.labels[idx], spec.multiclass)
+    def step_loss(mine: torch.Tensor, epoch: int) -> torch.Tensor:
+        return _loss(head(standardised[mine]), labels[mine], spec.multiclass)
 
-    def validate() -> float:
-        return scores(net.classify(val_features), val.labels, spec)[spec.metric]
+    def validate() -> dict[str, float]:
+        logits = net.classify(inputs.val_maps.all()[0])
+        return {"loss": float(_loss(logits, inputs.val.labels, spec.multiclass)),
+                "score": scores(logits, inputs.val.labels, spec)[spec.metric]}
 
-    return loop.fit(net, len(train), cfg.probe, seed, step_loss, validate, advance, log, setup)
+    return loop.fit(net, len(rows), cfg.probe, seed, step_loss, validate, advance, log, setup)
 
 
-def evaluate(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict) -> dict:
-    return scores(loop.in_batches(net, split.images), split.labels, spec)
+@torch.no_grad()
+def evaluate(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict,
+             maps: features.Encoded | None = None) -> dict:
+    logits = net.classify(maps.all()[0]) if maps is not None else loop.in_batches(net, split.images)
+    return scores(logits, split.labels, spec)
 
 
 def figure(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict, n: int, title: str,

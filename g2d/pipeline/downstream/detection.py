@@ -1,5 +1,6 @@
-"""Detection (RSNA opacity, Object-CXR): RetinaNet on the (frozen) encoder through an FPN, trained with
-torchvision's focal + box losses, scored by mAP over IoU 0.4:0.05:0.75."""
+"""Detection (RSNA opacity, Object-CXR): RetinaNet through an FPN on the (frozen) encoder, trained by epochs with
+torchvision's focal + box losses on the encoder's cached maps, scored by mAP over IoU 0.4:0.05:0.75. Early
+stopping and the kept weights follow the val mAP (MGCA's YOLOv3 protocol)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from g2d.config import Finetune
 from g2d.data.labelled import LabelledSplit
 from g2d.data.tasks import TaskSpec
 from g2d.model.transfer import build_detector
+from g2d.pipeline.downstream import features
 from g2d.pipeline.downstream import fit as loop
 from g2d.pipeline.downstream_metrics import mean_ap
 
@@ -32,42 +34,57 @@ def uses_decoder(cfg: Finetune) -> bool:
     return False
 
 
+def views(train: LabelledSplit, cfg: Finetune, seed: int) -> list[LabelledSplit]:
+    return [train]  # MGCA's detection protocol has no augmentation
+
+
 def _targets(split: LabelledSplit, idx: list[int]) -> list[dict]:
     return [{"boxes": split.boxes[i], "labels": split.box_labels[i]} for i in idx]
 
 
-def fit(net: nn.Module, data: dict[str, LabelledSplit], spec: TaskSpec, cfg: Finetune, seed: int,
+def fit(net: nn.Module, inputs: features.Inputs, rows: torch.Tensor, spec: TaskSpec, cfg: Finetune, seed: int,
         advance, log, setup: loop.Setup = loop.SINGLE) -> loop.FitResult:
-    """`data["val"]` is needed on rank 0 only (the rank that validates)."""
-    train, val = data["train"], data.get("val")
+    """Train on the rows `rows` of the train split. `inputs.val` is needed on rank 0 only."""
+    train = inputs.views[0]
     # every trainable parameter is reached every step: a share without any box still runs the box-regression
     # loss (over no anchors: a zero gradient, not none), checked with 2 ranks on shares of 2 images
-    trained = setup.wrap(net)
+    trained = setup.wrap(features.Head(net, encodes=inputs.maps is None))
 
-    def step_loss(idx: torch.Tensor) -> torch.Tensor:
-        rows = idx.tolist()
-        losses = trained(list(train.images[rows]), _targets(train, rows))
-        return sum(losses.values())
+    def step_loss(mine: torch.Tensor, epoch: int) -> torch.Tensor:
+        at = rows[mine]
+        x = inputs.maps[0](at) if inputs.maps is not None else setup.images(train.images[at])
+        return sum(trained(x, _targets(train, at.tolist())).values())
 
-    def validate() -> float:
-        return evaluate(net, val, spec, {"detections_per_image": cfg.detection.detections_per_image})["map"]
+    def validate() -> dict[str, float]:
+        val = inputs.val
+        loss = sum(float(sum(net.decode(_maps(net, val, inputs.val_maps, rows), _targets(val, rows.tolist()))
+                             .values())) * len(rows) for rows in torch.arange(len(val)).split(64)) / len(val)
+        return {"loss": loss, "score": evaluate(net, val, spec, {"detections_per_image":
+                                                                  cfg.detection.detections_per_image},
+                                                inputs.val_maps)["map"]}
 
-    return loop.fit(net, len(train), cfg.detection, seed, step_loss, validate, advance, log, setup)
+    return loop.fit(net, len(rows), cfg.detection, seed, step_loss, validate, advance, log, setup)
+
+
+def _maps(net: nn.Module, split: LabelledSplit, maps: features.Encoded | None, rows: torch.Tensor):
+    return maps(rows) if maps is not None else net.encode(split.images[rows])
 
 
 @torch.no_grad()
-def predict(net: nn.Module, split: LabelledSplit, size: int = 32) -> list[dict]:
+def predict(net: nn.Module, split: LabelledSplit, maps: features.Encoded | None = None, size: int = 32) -> list[dict]:
     net.eval()
     out: list[dict] = []
-    for i in range(0, len(split), size):
-        for p in net(list(split.images[i:i + size])):
+    for rows in torch.arange(len(split)).split(size):
+        for p in net.decode(_maps(net, split, maps, rows)):
             keep = p["labels"] > 0  # index 0 is torchvision's background, never a class
             out.append({k: v[keep] for k, v in p.items()})
     return out
 
 
-def evaluate(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict) -> dict:
-    return mean_ap(predict(net, split), split.boxes, split.box_labels, spec.labels, config["detections_per_image"])
+def evaluate(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict,
+             maps: features.Encoded | None = None) -> dict:
+    return mean_ap(predict(net, split, maps), split.boxes, split.box_labels, spec.labels,
+                   config["detections_per_image"])
 
 
 def figure(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict, n: int, title: str,
@@ -76,6 +93,5 @@ def figure(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict, n
 
     with_boxes = [i for i in range(len(split)) if len(split.boxes[i])]
     rows = (with_boxes + [i for i in range(len(split)) if i not in set(with_boxes)])[:n]
-    sub = LabelledSplit(split.split, [split.ids[i] for i in rows], split.images[rows],
-                        boxes=[split.boxes[i] for i in rows], box_labels=[split.box_labels[i] for i in rows])
+    sub = split.subset([split.ids[i] for i in rows])
     return detection_grid(sub.images, sub.boxes, predict(net, sub), sub.ids, title, path)

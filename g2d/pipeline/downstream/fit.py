@@ -1,15 +1,16 @@
-"""The fine-tuning loop shared by every task: a fixed budget of AdamW steps over seeded batches,
-validation every `eval_every` steps, early stopping after `patience` validations without improvement,
-and the best validated weights restored at the end (test metrics are taken there).
+"""The fine-tuning loop shared by every task, MGCA's protocol: at most `epochs` passes over the train set in
+seeded order (so the number of steps grows with the data), AdamW at a constant rate, validation after every
+epoch, early stopping after `patience` epochs without a better monitored value (the val loss, or the val score),
+and the weights of the best epoch restored at the end (test metrics are taken there).
 
 One process, or several under torchrun (`Setup.ctx`, g2d/pipeline/distributed.py). The task's
 `batch_size` is the *global* batch: the seeded batches are the same on every rank and rank r trains on
 rows idx[r::world] of each, through DDP (gradients averaged over ranks, batch norms over the global
-batch), so the number of steps and the result do not depend on the world size. A train set smaller
-than the batch is the batch; its shares may then differ by one row, and each rank's loss is weighted by
-its share so the averaged gradient is still that of the global batch's mean loss. Rank 0 alone
-validates and keeps the best weights; its early-stopping decision is broadcast, so every rank stops at
-the same step (a rank that stopped alone would leave the others waiting in a collective)."""
+batch), so the number of steps and the result do not depend on the world size. An epoch's last batch may be
+smaller (kept, as PyTorch's DataLoader keeps it; one smaller than the world joins the batch before), and each
+rank's loss is weighted by its share so the averaged gradient is still that of the global batch's mean loss.
+Rank 0 alone validates and keeps the best weights; its early-stopping decision is broadcast, so every rank
+stops at the same epoch (a rank that stopped alone would leave the others waiting in a collective)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from g2d.config import Steps
+from g2d.config import Recipe
 from g2d.errors import G2DError
 from g2d.pipeline import distributed, runtime
 
@@ -31,11 +32,13 @@ class TrainingError(G2DError):
 
 @dataclass
 class FitResult:
+    epochs: int = 0
     steps: int = 0
-    best_step: int = 0
-    best_val: float = math.nan
+    best_epoch: int = 0
+    best_loss: float = math.nan  # val loss of the kept weights
+    best_score: float = math.nan  # val score of the kept weights
     stopped_early: bool = False
-    history: list[list[float]] = field(default_factory=list)  # [step, train loss, val score or nan]
+    history: list[list[float]] = field(default_factory=list)  # [epoch, steps, train loss, val loss, val score]
 
 
 @dataclass(frozen=True)
@@ -66,24 +69,33 @@ class Setup:
 SINGLE = Setup()  # one process on the CPU in fp32: what the loop did before torchrun and `compute`
 
 
-def batches(n: int, batch_size: int, seed: int):
-    """Endless batches of row indices: seeded permutations, one after another; a batch never holds a
-    row twice, and a train set smaller than the batch is the batch."""
-    g = torch.Generator().manual_seed(seed)
-    size = min(batch_size, n)
-    pending: list[int] = []
-    while True:
-        if len(pending) < size:
-            pending = torch.randperm(n, generator=g).tolist()
-        yield torch.tensor(pending[:size])
-        pending = pending[size:]
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, world: int = 1) -> list[torch.Tensor]:
+    """One epoch: a seeded permutation of the n rows cut into batches; the last may be smaller, and one with
+    fewer rows than processes joins the batch before it."""
+    order = torch.randperm(n, generator=generator)
+    cuts = list(order.split(batch_size))
+    if len(cuts) > 1 and len(cuts[-1]) < world:
+        cuts[-2:] = [torch.cat(cuts[-2:])]
+    return cuts
 
 
-def fit(model: nn.Module, n_train: int, recipe: Steps, seed: int, step_loss: Callable[[torch.Tensor], torch.Tensor],
-        validate: Callable[[], float], advance: Callable[[int], None] = lambda n: None,
-        log: Callable[[dict, int], None] = lambda m, s: None, setup: Setup = SINGLE) -> FitResult:
-    """Train `model`. `step_loss(rows)` is the loss of this rank's rows of a step's batch, computed through
-    the module `setup.wrap` returned; `validate()` scores `model` itself (called on rank 0 only)."""
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    return len(epoch_batches(n, batch_size, torch.Generator().manual_seed(0), world))
+
+
+def _better(value: float, best: float, monitor: str) -> bool:
+    if math.isnan(value):
+        return False
+    return math.isnan(best) or (value < best if monitor == "loss" else value > best)
+
+
+def fit(model: nn.Module, n_train: int, recipe: Recipe, seed: int,
+        step_loss: Callable[[torch.Tensor, int], torch.Tensor], validate: Callable[[], dict[str, float]],
+        advance: Callable[[int], None] = lambda n: None, log: Callable[[dict, int], None] = lambda m, s: None,
+        setup: Setup = SINGLE) -> FitResult:
+    """Train `model`. `step_loss(rows, epoch)` is the loss of this rank's rows of a step's batch, computed through
+    the module `setup.wrap` returned; `validate()` gives {"loss", "score"} of `model` itself on val (called on
+    rank 0 only). Metrics are logged with the epoch as the step."""
     ctx = setup.ctx
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -91,48 +103,50 @@ def fit(model: nn.Module, n_train: int, recipe: Steps, seed: int, step_loss: Cal
     if ctx.active:
         runtime.seed_everything(seed + ctx.rank)  # any dropout: noise of its own on every rank
     result, best_state, waited = FitResult(), None, 0
-    source = batches(n_train, recipe.batch_size, seed)
-    for step in range(1, recipe.max_steps + 1):
-        idx = next(source)  # the global batch, the same on every rank
-        mine = idx[ctx.rank::ctx.world]
+    order = torch.Generator().manual_seed(seed)
+    for epoch in range(1, recipe.epochs + 1):
         model.train()
-        with runtime.autocast(setup.dev, setup.precision):
-            loss = step_loss(mine)
-        if len(idx) % ctx.world:  # uneven shares: DDP's average of the weighted losses is the global mean
-            loss = loss * (len(mine) * ctx.world / len(idx))
-        value = distributed.mean(ctx, {"loss": float(loss.detach())})["loss"]  # the global batch's loss
-        if not math.isfinite(value):  # every rank sees the same value, so every rank stops here
-            raise runtime.NonFiniteLoss(f"fine-tuning loss is {value} at step {step} (train rows {idx[:8].tolist()}); "
-                                        "lower the task's lr or check these images", step, idx.tolist())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        result.steps = step
+        total, seen = 0.0, 0
+        for idx in epoch_batches(n_train, recipe.batch_size, order, ctx.world):  # the same on every rank
+            mine = idx[ctx.rank::ctx.world]
+            with runtime.autocast(setup.dev, setup.precision):
+                loss = step_loss(mine, epoch)
+            if len(idx) % ctx.world:  # uneven shares: DDP's average of the weighted losses is the global mean
+                loss = loss * (len(mine) * ctx.world / len(idx))
+            value = distributed.mean(ctx, {"loss": float(loss.detach())})["loss"]  # the global batch's loss
+            if not math.isfinite(value):  # every rank sees the same value, so every rank stops here
+                raise runtime.NonFiniteLoss(
+                    f"fine-tuning loss is {value} at step {result.steps + 1} (epoch {epoch}, train rows "
+                    f"{idx[:8].tolist()}); lower the task's lr or check these images", result.steps + 1, idx.tolist())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            result.steps += 1
+            total, seen = total + value * len(idx), seen + len(idx)
+        result.epochs = epoch
         advance(1)
-        val, stop = math.nan, False
-        if step % recipe.eval_every == 0 or step == recipe.max_steps:
-            if ctx.main:
-                model.eval()
-                with torch.no_grad():
-                    val = float(validate())
-                if not math.isnan(val) and (math.isnan(result.best_val) or val > result.best_val):
-                    result.best_val, result.best_step, waited = val, step, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                else:
-                    waited += 1
-                stop = waited >= recipe.patience
-            val, stop = distributed.broadcast(ctx, (val, stop))
-            log({"val/score": val}, step)
-        log({"train/loss": value}, step)
-        result.history.append([step, value, val])
+        val, stop = {"loss": math.nan, "score": math.nan}, False
+        if ctx.main:
+            model.eval()
+            with torch.no_grad():
+                val = {k: float(v) for k, v in validate().items()}
+            if _better(val[recipe.monitor], getattr(result, f"best_{recipe.monitor}"), recipe.monitor):
+                result.best_epoch, result.best_loss, result.best_score, waited = epoch, val["loss"], val["score"], 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                waited += 1
+            stop = waited >= recipe.patience
+        val, stop = distributed.broadcast(ctx, (val, stop))
+        log({"train/loss": total / seen, "val/loss": val["loss"], "val/score": val["score"]}, epoch)
+        result.history.append([epoch, result.steps, total / seen, val["loss"], val["score"]])
         if stop:
-            result.stopped_early = step < recipe.max_steps
+            result.stopped_early = epoch < recipe.epochs
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    else:  # validation never defined (e.g. one class only in val), or not rank 0: the last weights
-        result.best_step = result.steps
+    else:  # the monitored value never defined (e.g. one class only in val), or not rank 0: the last weights
+        result.best_epoch = result.epochs
     model.eval()
     return result
 
