@@ -335,12 +335,29 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout.strip()
 
 
+def _pipeline_outputs(root: Path) -> set[str]:
+    """The paths DVC writes (every stage's outs in dvc.lock, metrics committed with `cache: false` included) and
+    dvc.lock itself: a `dvc repro` rewrites them as it goes, which is not a change of the code or params."""
+    import yaml
+
+    try:
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+        return {"dvc.lock"} | {o["path"].rstrip("/") for st in lock.get("stages", {}).values()
+                               for o in st.get("outs", [])}
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return {"dvc.lock"}
+
+
 def _git_state(root: Path) -> tuple[str, bool | None]:
     commit = _git(root, "rev-parse", "HEAD")
     if not commit:
         return "unknown", None
     status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return commit, (None if status is None else bool(status))
+    if status is None:
+        return commit, None
+    outputs = _pipeline_outputs(root)
+    changed = [line.split(None, 1)[1].split(" -> ")[-1].strip('"') for line in status.splitlines() if line.strip()]
+    return commit, any(not any(p == o or p.startswith(o + "/") for o in outputs) for p in changed)
 
 
 def _user() -> str:

@@ -18,12 +18,13 @@ from tests.conftest import tiny_project_with_store, torchrun
 SCRIPTS = Path(__file__).parent / "scripts"
 
 # The whole U-Net trains (encoder unfrozen: its batch norms run over the global batch across the ranks), a
-# fresh head that starts at half foreground (so the val Dice moves from step 1 instead of sitting at the
-# all-empty 0.5), validated every step with patience 1: the val Dice falls at step 6 of 8 and both jobs stop
-# there, early, the 2-rank one on rank 0's broadcast decision. A global batch of 4 (2 rows per rank).
+# fresh head that starts at half foreground, 3 epochs without early stopping, a global batch of 4 (2 rows per
+# rank). MGCA's loss is not a mean over images: its soft Dice is taken over the batch, and under DDP over each
+# rank's share (as PyTorch Lightning's DDP does in MGCA's code), so 2 ranks train close to, not exactly like, one
+# process; the loop's exact equivalence on a per-row loss is the next test's.
 RECIPE = ["finetune.segmentation.freeze_encoder=false", "finetune.segmentation.prior=0.5",
-          "finetune.segmentation.batch_size=4", "finetune.segmentation.epochs=8", "finetune.segmentation.monitor=score",
-          "finetune.segmentation.patience=1", "finetune.segmentation.augment.p=0"]
+          "finetune.segmentation.batch_size=4", "finetune.segmentation.epochs=3", "finetune.segmentation.patience=3",
+          "finetune.segmentation.augment.p=0"]
 
 
 @pytest.fixture(scope="module")
@@ -63,24 +64,18 @@ def test_two_ranks_fine_tune_like_one_process_with_the_same_global_batch(project
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     one = finetune.run(load_params(project / "params.yaml", RECIPE), task="siim-seg", frac=1.0, init="random").metrics
 
-    # the same steps and the same early-stopping decision
-    assert (two["steps"], two["best_epoch"], two["stopped_early"]) == (one["steps"], one["best_epoch"], True)
-    assert one["epochs"] < 8
+    # the same batches, epochs and steps
+    assert (two["epochs"], two["steps"], two["stopped_early"]) == (one["epochs"], one["steps"], False) == \
+        (3, one["steps"], False)
     runs = {r.data.tags["g2d.world_size"]: r for r in _runs(uri)}
     assert sorted(runs) == ["1", "2"]  # exactly one run from the 2-rank job, tagged with its world size
-    # The same curves up to rounding. Measured (2 cores, CPU): train loss within 2.8e-5 relative, val Dice within
-    # 3.3e-4 absolute (out of ~0.04), test Dice within 1e-6. The 2 ranks sum the batch-norm statistics and
-    # average the gradients in another order than one process (~1e-7 relative per step); Adam's first steps
-    # (update ~ lr * sign(g)) and the unfrozen encoder's batch norms amplify that to ~1e-5 in the loss, and the
-    # Dice thresholds probabilities, so a pixel near 0.5 flips. The tolerances are ~7x and ~6x those gaps.
-    # Batch norm over each rank's 2 rows instead of the global 4 (measured too) moves the loss by 1e-4 to 3e-4
-    # relative and the val Dice by 2.6e-3, and stops a step earlier: this test fails on it.
-    for key, tolerance in (("train/loss", {"rel": 2e-4}), ("val/score", {"abs": 2e-3})):
+    # Close curves: the focal term is a per-pixel mean (exact over ranks), the soft-Dice term is per share. Measured
+    # (2 cores, CPU): the train loss 10.7% and 12.5% apart in the first two epochs.
+    for key in ("train/loss", "val/loss", "val/score"):
         a, b = _curve(uri, runs["2"], key), _curve(uri, runs["1"], key)
-        assert len(a) == len(b) == one["epochs"], key
-        assert a == pytest.approx(b, **tolerance), key
-    assert two["score"] == pytest.approx(one["score"], abs=2e-3)
-    assert two["val_best"] == pytest.approx(one["val_best"], abs=2e-3)
+        assert len(a) == len(b) == 3, key
+    assert _curve(uri, runs["2"], "train/loss") == pytest.approx(_curve(uri, runs["1"], "train/loss"), rel=0.25)
+    assert two["score"] == pytest.approx(one["score"], abs=0.1)
 
     from mlflow import MlflowClient
 

@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _params(**study_overrides) -> Params:
-    raw = ["study.resamples=199"] + [f"study.{k}={json.dumps(v)}" for k, v in study_overrides.items()]
+    """params.yaml with the whole study switched on (the main job leaves it to `dvc exp run`)."""
+    whole = {"variants": list(load_params(ROOT / "params.yaml").study.ablations), "transfer_tasks": ["siim-seg"]}
+    raw = ["study.resamples=199"] + [f"study.{k}={json.dumps(v)}" for k, v in {**whole, **study_overrides}.items()]
     return load_params(ROOT / "params.yaml", raw)
 
 
@@ -114,7 +116,9 @@ def test_missing_cells_are_counted_not_hidden(tmp_path):
 
 
 def test_one_seed_gives_no_interval_and_says_so(tmp_path):
-    params = load_params(ROOT / "params.yaml", ["matrix.seeds=[42]", "promote.min_seeds=1", "study.resamples=199"])
+    variants = json.dumps(list(_params().study.variants))
+    params = load_params(ROOT / "params.yaml", ["matrix.seeds=[42]", "promote.min_seeds=1", "study.resamples=199",
+                                                f"study.variants={variants}", 'study.transfer_tasks=["siim-seg"]'])
     fake_study(tmp_path / "metrics", params)
     out = study.write(params, tmp_path / "metrics", tmp_path / "reports")
     assert "(n = 1, no interval)" in out.markdown.read_text()

@@ -460,3 +460,29 @@ def test_system_metrics_monitor_stops_with_the_run(mlflow_uri: str) -> None:
         assert any(t.name == "SystemMetricsMonitor" for t in threading.enumerate())
     assert not any(t.name == "SystemMetricsMonitor" for t in threading.enumerate())
     assert _client(mlflow_uri).get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_a_repro_rewriting_its_outputs_does_not_dirty_the_tree(tmp_path):
+    """Metrics committed with `cache: false` are rewritten (first deleted) by `dvc repro`: not a source change."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "metrics" / "finetune" / "siim-seg" / "g2d").mkdir(parents=True)
+    cell = tmp_path / "metrics" / "finetune" / "siim-seg" / "g2d" / "siim-seg_1.0_g2d_seed42.json"
+    cell.write_text("{}")
+    (tmp_path / "metrics" / "data.json").write_text("{}")
+    (tmp_path / "params.yaml").write_text("seed: 42\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  synth:\n    outs:\n    - path: metrics/data.json\n"
+                                       "  finetune@siim-seg-g2d:\n    outs:\n    - path: metrics/finetune/siim-seg/g2d\n")
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x")
+    assert tracking._git_state(tmp_path)[1] is False
+    cell.unlink()
+    (tmp_path / "metrics" / "data.json").write_text('{"rows": 1}')
+    (tmp_path / "dvc.lock").write_text((tmp_path / "dvc.lock").read_text() + "\n")
+    assert tracking._git_state(tmp_path)[1] is False
+    (tmp_path / "params.yaml").write_text("seed: 43\n")
+    assert tracking._git_state(tmp_path)[1] is True

@@ -37,6 +37,7 @@ from g2d.data import manifest as mf
 from g2d.errors import ConfigError
 from g2d.pipeline import distributed, initialisation, metrics_files, model_files, preflight, runtime
 from g2d.pipeline.downstream import classification, detection, features, segmentation
+from g2d.pipeline.downstream import fit as loop
 from g2d.pipeline.downstream.fit import Setup, TrainingError
 from g2d.progress import Reporter, silent
 
@@ -200,8 +201,8 @@ def _cell(params: Params, ctx, spec, family, start, cell: _Cell, data, views, ca
                                                                             if s != "train"}},
                        tags={"fraction": frac_label(frac), "fraction_sha256": chosen.sha256,
                              "train_sha256": cell.train.sha256})
-        advance = reporter.task(f"fine-tune {spec.name} {frac:.0%} labels, init {start.name}, seed {seed} (epochs)",
-                                recipe.epochs)
+        steps = recipe.epochs * loop.steps_per_epoch(len(rows), recipe.batch_size, ctx.world)
+        advance = reporter.task(f"fine-tune {spec.name} {frac:.0%}, {start.name}, seed {seed}", steps)
         try:
             result = family.fit(net, inputs, rows, spec, ft, seed, advance, tr.log_metrics, setup)
         except runtime.NonFiniteLoss as e:

@@ -25,7 +25,8 @@ from g2d.pipeline import paper_numbers, study_stats
 METRIC_TITLES = {"dice": "Dice", "map": "mAP", "auc": "AUC", "accuracy": "ACC"}
 INIT_TITLES = {"random": "Random init", "global": "Global only (ConVIRT / CLIP-style)", "g2d": "G2D"}
 DICE_NOTE = ("Dice per image gives an image without a finding 1 when nothing is predicted, so a model that predicts "
-             "nothing scores the share of such images (half of SynthCXR's test sets).")
+             "nothing scores the share of such images (78% of SynthCXR's pneumothorax test images, SIIM-ACR's "
+             "prevalence; half of its opacity set).")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Result:
     file: str
     dice_positive: float | None = None  # segmentation: Dice over the test images with a finding
     empty_correct: float | None = None  # ... and the share of those without one predicted empty
+    dice_pooled: float | None = None  # ... and the foreground Dice of all test pixels at once
 
 
 def read_results(folder: Path, study: bool) -> list[Result]:
@@ -68,7 +70,7 @@ def read_results(folder: Path, study: bool) -> list[Result]:
                               tuple(per["ids"]) if "ids" in per else None,
                               tuple(float(v) for v in per["dice"]) if "dice" in per else None,
                               m.get("data_hash"), m.get("fraction_sha256"), path.name,
-                              test.get("dice_positive"), test.get("empty_correct")))
+                              test.get("dice_positive"), test.get("empty_correct"), test.get("dice_pooled")))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(f"{path}: not a g2d fine-tuning metrics file ({type(e).__name__}: {e}); delete it or "
                             "re-run its stage (`dvc repro`)") from None
@@ -263,14 +265,16 @@ def render_table(study: Study, table: Table) -> tuple[list[str], list[dict]]:
                   "run yet, or a score that is not a number): `dvc repro` runs what is missing."]
     if any(tasks.get(t).kind == "segmentation" for t, _ in cols):
         lines += ["", f"What the Dice cells are made of: {DICE_NOTE} Per cell, Dice on the test images with a finding "
-                  "(Dice+, x 100, mean ± sd) / the share of images without a finding predicted empty:", "", head, rule]
+                  "(Dice+, x 100, mean ± sd) / the share of images without a finding predicted empty / the pooled foreground "
+                  "Dice of all test pixels (x 100, mean):", "", head, rule]
         for row in table.rows:
             cells = []
             for t, f in cols:
-                pos, empty = (study.values(row, t, f, k) for k in ("dice_positive", "empty_correct"))
+                pos, empty, pooled = (study.values(row, t, f, k)
+                                      for k in ("dice_positive", "empty_correct", "dice_pooled"))
                 cells.append("–" if not pos or not empty or tasks.get(t).kind != "segmentation" else
                              f"{np.mean(pos):.1f}" + (f" ± {np.std(pos, ddof=1):.1f}" if len(pos) > 1 else "")
-                             + f" / {np.mean(empty):.0f}%")
+                             + f" / {np.mean(empty):.0f}%" + (f" / {np.mean(pooled):.1f}" if pooled else ""))
             lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     if table.paper and any(paper_numbers.paper_value(table.paper, r.paper or "", t, f) is not None
                            for r in table.rows for t, f in cols):

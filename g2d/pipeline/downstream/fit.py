@@ -124,8 +124,8 @@ def fit(model: nn.Module, n_train: int, recipe: Recipe, seed: int,
             scaler.update()
             result.steps += 1
             total, seen = total + value * len(idx), seen + len(idx)
+            advance(1)
         result.epochs = epoch
-        advance(1)
         val, stop = {"loss": math.nan, "score": math.nan}, False
         if ctx.main:
             model.eval()
