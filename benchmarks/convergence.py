@@ -9,7 +9,8 @@ the committed run). Nothing it trains is kept: metrics go to a temporary folder,
 `--set KEY=VALUE` changes the rerun in other ways too; with `--factor 1` it measures what such a change
 costs against the committed run, e.g. MGCA's fresh augmentation instead of the default's cached views:
 
-    python benchmarks/convergence.py --task siim-seg --factor 1 --inits g2d --set finetune.segmentation.augment.views=null
+    python benchmarks/convergence.py --task siim-seg --factor 1 --inits g2d \
+        --set finetune.segmentation.augment.views=null
 """
 
 from __future__ import annotations

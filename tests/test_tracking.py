@@ -474,8 +474,9 @@ def test_a_repro_rewriting_its_outputs_does_not_dirty_the_tree(tmp_path):
     cell.write_text("{}")
     (tmp_path / "metrics" / "data.json").write_text("{}")
     (tmp_path / "params.yaml").write_text("seed: 42\n")
-    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  synth:\n    outs:\n    - path: metrics/data.json\n"
-                                       "  finetune@siim-seg-g2d:\n    outs:\n    - path: metrics/finetune/siim-seg/g2d\n")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  synth:\n    outs:\n    - path: metrics/data.json\n"
+        "  finetune@siim-seg-g2d:\n    outs:\n    - path: metrics/finetune/siim-seg/g2d\n")
     git("init", "-q")
     git("-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
     git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x")

@@ -265,8 +265,8 @@ def render_table(study: Study, table: Table) -> tuple[list[str], list[dict]]:
                   "run yet, or a score that is not a number): `dvc repro` runs what is missing."]
     if any(tasks.get(t).kind == "segmentation" for t, _ in cols):
         lines += ["", f"What the Dice cells are made of: {DICE_NOTE} Per cell, Dice on the test images with a finding "
-                  "(Dice+, x 100, mean ± sd) / the share of images without a finding predicted empty / the pooled foreground "
-                  "Dice of all test pixels (x 100, mean):", "", head, rule]
+                  "(Dice+, x 100, mean ± sd) / the share of images without a finding predicted empty / the pooled "
+                  "foreground Dice of all test pixels (x 100, mean):", "", head, rule]
         for row in table.rows:
             cells = []
             for t, f in cols:
