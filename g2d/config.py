@@ -167,7 +167,8 @@ class Compute(Strict):
     results only at float-rounding level."""
 
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 adds a GradScaler")
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with bf16 instructions (AVX512-BF16, AMX), "
+        "else fp32; fp16 adds a GradScaler")
     channels_last: bool = Field(True, description="NHWC memory layout for the image tower (faster convolutions)")
     compile: bool = Field(False, description="torch.compile the model (minutes of compilation, then faster steps)")
     grad_checkpointing: bool = Field(False, description="recompute both towers' activations in the backward pass: "

@@ -341,7 +341,7 @@ def _pipeline_outputs(root: Path) -> set[str]:
     import yaml
 
     try:
-        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+        lock = yaml.load((root / "dvc.lock").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
         return {"dvc.lock"} | {o["path"].rstrip("/") for st in lock.get("stages", {}).values()
                                for o in st.get("outs", [])}
     except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):

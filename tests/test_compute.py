@@ -61,14 +61,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
     checkpointed = copy.deepcopy(plain)
     checkpointed.checkpoint_towers()
     batch = _batch(tokenizer)
-    loss_a, grads_a = _grads(plain, batch, Compute(channels_last=False))
-    loss_b, grads_b = _grads(checkpointed, batch, Compute(channels_last=False))
+    loss_a, grads_a = _grads(plain, batch, Compute(precision="fp32", channels_last=False))
+    loss_b, grads_b = _grads(checkpointed, batch, Compute(precision="fp32", channels_last=False))
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     _close(grads_a, grads_b, 1e-5)
     # and it really recomputes: the encoder stages run twice per step (forward, then again in backward)
     calls = []
     checkpointed.unet.encoder.layer2[0].register_forward_hook(lambda *a: calls.append(1))
-    _grads(checkpointed, batch, Compute(channels_last=False))
+    _grads(checkpointed, batch, Compute(precision="fp32", channels_last=False))
     assert len(calls) == 2
 
 
@@ -76,15 +76,19 @@ def test_channels_last_gives_the_same_step(tokenizer):
     torch.manual_seed(0)
     model = G2D(TINY, tokenizer.vocab_size, SIZE)
     batch = _batch(tokenizer)
-    loss_a, grads_a = _grads(copy.deepcopy(model), batch, Compute(channels_last=False))
-    loss_b, grads_b = _grads(copy.deepcopy(model), batch, Compute(channels_last=True))
+    loss_a, grads_a = _grads(copy.deepcopy(model), batch, Compute(precision="fp32", channels_last=False))
+    loss_b, grads_b = _grads(copy.deepcopy(model), batch, Compute(precision="fp32", channels_last=True))
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     _close(grads_a, grads_b, 1e-3)
 
 
-def test_precision_resolves_per_device():
+def test_precision_resolves_per_device(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert runtime.precision("auto", cpu) == "fp32" and runtime.precision("auto", gpu) == "bf16"
+    assert runtime.precision("auto", gpu) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)  # bf16 emulated: slower than fp32
+    assert runtime.precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)  # AVX512-BF16 / AMX
+    assert runtime.precision("auto", cpu) == "bf16"
     assert runtime.precision("fp16", cpu) == "fp16"
     assert runtime.grad_scaler(cpu, "fp16").is_enabled() and not runtime.grad_scaler(cpu, "fp32").is_enabled()
 

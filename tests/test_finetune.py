@@ -4,6 +4,7 @@ evaluation, the report, and every bad input of the issue with its message."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -164,6 +165,17 @@ def test_a_study_variant_is_written_and_registered_apart(project):
     dice = out.metrics["per_image"]["dice"]
     assert len(dice) == out.metrics["test_images"]
     assert sum(dice) / len(dice) == pytest.approx(out.metrics["score"], abs=1e-6)  # stored to 6 decimals
+
+@pytest.mark.parametrize("task", ["siim-seg", "rsna-det", "chexpert-cls"])
+def test_bf16_cells_score_in_fp32_and_evaluate_agrees(project, task):
+    """`compute.precision: auto` trains in bf16 on CPUs with bf16 instructions: scores, boxes and the probe stay
+    fp32, and `g2d evaluate` (the same precision) gives the test score the cell recorded."""
+    p = params(project, "compute.precision=bf16")
+    out = finetune.run(p, task=task, frac=1.0, init="g2d")
+    assert math.isfinite(out.metrics["val_loss"]) and 0 <= out.metrics["score"] <= 1
+    again = finetune.evaluate(p, task, f"models:/{out.registered}/{out.version}")
+    assert again["test"][out.metrics["metric"]] == pytest.approx(out.metrics["score"], abs=1e-6)
+
 
 def test_linear_probe_and_random_init(project):
     out = finetune.run(params(project), task="chexpert-cls", frac=1.0, init="random", seed=3)

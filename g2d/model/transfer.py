@@ -79,8 +79,8 @@ class LinearProbe(_KeepsFrozenEval):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Global average of the last feature map (C5), (B, C)."""
-        return self.encoder(images)[-1].mean(dim=(2, 3))
+        """Global average of the last feature map (C5), (B, C), in fp32 whatever the autocast."""
+        return self.encoder(images)[-1].float().mean(dim=(2, 3))
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.features(images)]
@@ -93,7 +93,9 @@ class LinearProbe(_KeepsFrozenEval):
         self.std.copy_(train_features.std(0, unbiased=False).clamp_min(1e-6))
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head((features - self.mean) / self.std)
+        # one small linear layer: fp32 always (bf16 would save nothing and round the scores into ties)
+        with torch.autocast(features.device.type, enabled=False):
+            return self.head((features.float() - self.mean) / self.std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(images))
@@ -137,13 +139,26 @@ def _retinanet():
             return self.backbone.encode(images)
 
         def decode(self, maps: list[torch.Tensor], targets: list[dict] | None = None):
+            """The losses given targets, else the detections."""
+            heads = self._heads(maps)
+            return self.compute_loss(targets, *heads[1:3]) if targets is not None else self._detections(*heads)
+
+        def decode_both(self, maps: list[torch.Tensor], targets: list[dict]):
+            """The losses and the detections of one pass through the FPN and head (validation needs both)."""
+            heads = self._heads(maps)
+            return self.compute_loss(targets, *heads[1:3]), self._detections(*heads)
+
+        def _heads(self, maps: list[torch.Tensor]):
             b, side = len(maps[0]), self.transform.min_size[0]
             features = list(self.backbone.decode(maps).values())
-            head_outputs = self.head(features)
-            canvas = ImageList(maps[0].new_zeros(()).expand(b, 1, side, side), [(side, side)] * b)
-            anchors = self.anchor_generator(canvas, features)
-            if targets is not None:
-                return self.compute_loss(targets, head_outputs, anchors)
+            # boxes and scores in fp32 whatever the autocast: bf16 would round a 128 px coordinate to 0.5 px
+            head_outputs = {k: v.float() for k, v in self.head(features).items()}
+            canvas = ImageList(maps[0].new_zeros((), dtype=torch.float32).expand(b, 1, side, side),
+                               [(side, side)] * b)
+            grids = [f.new_empty((0, 0, *f.shape[-2:]), dtype=torch.float32) for f in features]  # fp32 anchors
+            return features, head_outputs, self.anchor_generator(canvas, grids), canvas
+
+        def _detections(self, features, head_outputs, anchors, canvas):
             per_level = [x.size(2) * x.size(3) for x in features]
             per_location = head_outputs["cls_logits"].size(1) // sum(per_level)
             anchors_per_level = [n * per_location for n in per_level]

@@ -17,7 +17,7 @@ of every step's rows (g2d/pipeline/downstream/fit.py), so the steps and the resu
 number of processes. Rank 0 alone loads val and test, validates, decides when to stop, scores the test
 split, writes the metrics file and figures, and logs and registers (one MLflow run per cell, tagged
 g2d.world_size); the other ranks train, wait at a barrier and return nothing. `compute` applies as in
-pre-training: autocast precision (auto = bf16 on CUDA, fp32 on CPU) and channels_last.
+pre-training: autocast precision (auto = bf16 on CUDA and on CPUs with bf16 instructions, else fp32) and channels_last.
 """
 
 from __future__ import annotations
@@ -210,7 +210,8 @@ def _cell(params: Params, ctx, spec, family, start, cell: _Cell, data, views, ca
         if not ctx.main:
             distributed.barrier(ctx)  # rank 0 tests, writes and registers
             return None
-        test = family.evaluate(net, data["test"], spec, config, inputs.test_maps)
+        with runtime.autocast(setup.dev, setup.precision):  # inference in the precision that trained
+            test = family.evaluate(net, data["test"], spec, config, inputs.test_maps)
         per_image = {k.removeprefix("per_image_"): test.pop(k) for k in list(test) if k.startswith("per_image_")}
         if frozen:  # the paper's frozen protocol, checked rather than assumed
             unchanged = all(torch.equal(encoder_before[k], v) for k, v in unet.encoder.state_dict().items())
@@ -356,11 +357,14 @@ def evaluate(params: Params, task: str | None, model: str, reporter: Reporter = 
     net = net.to(dev, memory_format=layout)  # as `run` scored it
     info = mf.read_info(folder)
     data_hash = info.get("sha256") or mf.dataset_hash(folder)
-    tags = {"g2d.task": spec.name, "g2d.model": source, **mf.protocol_tags(info.get("protocol"))}
+    precision = runtime.precision(params.compute.precision, dev)
+    tags = {"g2d.task": spec.name, "g2d.model": source, "g2d.precision": precision,
+            **mf.protocol_tags(info.get("protocol"))}
     with tracking.start_run("evaluate", config={"task": spec.name, "model": source, "model_config": config},
                             data_hash=data_hash, tags=tags, uri=params.tracking.uri) as tr:
-        scores = {k: v for k, v in FAMILIES[spec.kind].evaluate(net, test, spec, config).items()
-                  if not k.startswith("per_image_")}
+        with runtime.autocast(dev, precision):
+            scores = {k: v for k, v in FAMILIES[spec.kind].evaluate(net, test, spec, config).items()
+                      if not k.startswith("per_image_")}
         tr.log_metrics({f"test/{k}": v for k, v in scores.items()
                         if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))})
     return {"task": spec.name, "model": source, "metric": spec.metric, "test": scores, "run_id": tr.run_id}

@@ -61,7 +61,8 @@ def fit(net: LinearProbe, inputs: features.Inputs, rows: torch.Tensor, spec: Tas
     standardised = (pooled - net.mean) / net.std  # what `classify` feeds the head, row by row
 
     def step_loss(mine: torch.Tensor, epoch: int) -> torch.Tensor:
-        return _loss(head(standardised[mine]), labels[mine], spec.multiclass)
+        with torch.autocast(standardised.device.type, enabled=False):  # as `classify`: fp32
+            return _loss(head(standardised[mine]), labels[mine], spec.multiclass)
 
     def validate() -> dict[str, float]:
         logits = net.classify(inputs.val_maps.all()[0])

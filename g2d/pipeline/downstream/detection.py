@@ -56,12 +56,13 @@ def fit(net: nn.Module, inputs: features.Inputs, rows: torch.Tensor, spec: TaskS
         return sum(trained(x, _targets(train, at.tolist())).values())
 
     def validate() -> dict[str, float]:
-        val = inputs.val
-        loss = sum(float(sum(net.decode(_maps(net, val, inputs.val_maps, rows), _targets(val, rows.tolist()))
-                             .values())) * len(rows) for rows in torch.arange(len(val)).split(64)) / len(val)
-        return {"loss": loss, "score": evaluate(net, val, spec, {"detections_per_image":
-                                                                  cfg.detection.detections_per_image},
-                                                inputs.val_maps)["map"]}
+        val, loss, found = inputs.val, 0.0, []
+        for rows in torch.arange(len(val)).split(64):  # one pass gives the val loss and the detections
+            losses, detections = net.decode_both(_maps(net, val, inputs.val_maps, rows), _targets(val, rows.tolist()))
+            loss += float(sum(losses.values())) * len(rows)
+            found += [_classes_only(p) for p in detections]
+        return {"loss": loss / len(val), "score": mean_ap(found, val.boxes, val.box_labels, spec.labels,
+                                                           cfg.detection.detections_per_image)["map"]}
 
     return loop.fit(net, len(rows), cfg.detection, seed, step_loss, validate, advance, log, setup)
 
@@ -75,10 +76,13 @@ def predict(net: nn.Module, split: LabelledSplit, maps: features.Encoded | None 
     net.eval()
     out: list[dict] = []
     for rows in torch.arange(len(split)).split(size):
-        for p in net.decode(_maps(net, split, maps, rows)):
-            keep = p["labels"] > 0  # index 0 is torchvision's background, never a class
-            out.append({k: v[keep] for k, v in p.items()})
+        out += [_classes_only(p) for p in net.decode(_maps(net, split, maps, rows))]
     return out
+
+
+def _classes_only(detections: dict) -> dict:
+    keep = detections["labels"] > 0  # index 0 is torchvision's background, never a class
+    return {k: v[keep] for k, v in detections.items()}
 
 
 def evaluate(net: nn.Module, split: LabelledSplit, spec: TaskSpec, config: dict,

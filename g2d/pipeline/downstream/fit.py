@@ -129,7 +129,7 @@ def fit(model: nn.Module, n_train: int, recipe: Recipe, seed: int,
         val, stop = {"loss": math.nan, "score": math.nan}, False
         if ctx.main:
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), runtime.autocast(setup.dev, setup.precision):
                 val = {k: float(v) for k, v in validate().items()}
             if _better(val[recipe.monitor], getattr(result, f"best_{recipe.monitor}"), recipe.monitor):
                 result.best_epoch, result.best_loss, result.best_score, waited = epoch, val["loss"], val["score"], 0

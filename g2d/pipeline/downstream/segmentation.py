@@ -99,7 +99,7 @@ def _logits(net: nn.Module, split: LabelledSplit, maps: features.Encoded | None 
     for i in range(0, len(split), size):
         rows = torch.arange(i, min(i + size, len(split)))
         x = maps(rows) if maps is not None else split.images[rows]
-        out.append(net.decode(_layout(x, setup)) if maps is not None else net(_layout(x, setup)))
+        out.append((net.decode(_layout(x, setup)) if maps is not None else net(_layout(x, setup))).float())
     return torch.cat(out)
 
 
