@@ -4,6 +4,7 @@ written atomically and carry every RNG state so a resumed run continues exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import random
@@ -89,7 +90,9 @@ def precision(configured: str, dev: torch.device) -> str:
     return configured
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
+    """Asked once per process: `autocast(dev)` resolves 'auto' on every call."""
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
