@@ -38,7 +38,7 @@ def pooled_dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
 
 def dice_scores(dice: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     """Mean Dice over images, and apart over those with and without a finding."""
-    positive = truth.flatten(1).any(1)
+    positive = truth.flatten(1).any(1).to(dice.device)  # truth may be on the GPU, MONAI's Dice is on the CPU
     out = {"dice": float(dice.mean()), "images": int(len(dice))}
     if positive.any():
         out["dice_positive"] = float(dice[positive].mean())
