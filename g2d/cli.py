@@ -266,10 +266,11 @@ def pretrain(
         outcome = stage.run(cfg, resume=resume, reporter=reporter)
     if outcome is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return
-    r = outcome.metrics["retrieval"]
+    r, q, nan = outcome.metrics["retrieval"], outcome.metrics["pseudo_mask"], float("nan")
     typer.echo(f"{outcome.metrics['steps']} steps; val retrieval i2t R@1 {r['i2t_R@1']:.3f} R@10 {r['i2t_R@10']:.3f} "
-               f"(chance R@1 {outcome.metrics['retrieval_chance']['R@1']:.4f}); pseudo-mask IoU "
-               f"{outcome.metrics['pseudo_mask'].get('pseudo_mask_iou', float('nan')):.3f}")
+               f"(chance R@1 {outcome.metrics['retrieval_chance']['R@1']:.4f}); pseudo masks: coverage "
+               f"{q.get('coverage', nan):.3f} (chance {q.get('coverage_chance', nan):.3f}), pointing "
+               f"{q.get('pointing', nan):.3f} (chance {q.get('pointing_chance', nan):.3f})")
     typer.echo(f"registered {cfg.pretrain.register_as} version {outcome.version} (models:/{cfg.pretrain.register_as}/"
                f"latest) from {outcome.model_dir}  (MLflow run {outcome.run_id})")
 

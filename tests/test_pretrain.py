@@ -47,8 +47,11 @@ def test_pretrain_trains_tracks_and_registers(project):
     m = json.loads((project / "metrics" / "pretrain.json").read_text())
     assert m["steps"] == outcome.metrics["steps"] > 0
     assert set(m["retrieval"]) == {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
-    assert m["pseudo_mask"]["pseudo_mask_images"] > 0 and 0 <= m["pseudo_mask"]["pseudo_mask_iou"] <= 1
-    assert len(m["pseudo_mask_iou_by_step"]) >= 1
+    q = m["pseudo_mask"]
+    assert q["images"] > 0 and q["by_kind"]
+    for name in ("coverage", "precision", "iou", "pointing"):
+        assert 0 <= q[name] <= 1 and 0 < q[f"{name}_chance"] <= 1
+    assert len(m["pseudo_mask_by_epoch"]) >= 1 and m["pseudo_mask_by_epoch"][-1]["step"] == m["steps"]
     assert outcome.version == 1
     card = (outcome.model_dir / "model_card.md").read_text()
     assert m["data_hash"] in card and "Intended use and limits" in card
@@ -56,7 +59,8 @@ def test_pretrain_trains_tracks_and_registers(project):
     run = tracking._client(tracking.tracking_uri()).get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     # MLflow metric names cannot hold "@": R@1 is logged as R_1
-    assert {"loss/total", "loss/global", "loss/dense", "lr", "pairs_per_s", "val/i2t_R_1"} <= set(run.data.metrics)
+    assert {"loss/total", "loss/global", "loss/dense", "lr", "pairs_per_s", "val/i2t_R_1",
+            "val/pseudo_mask/coverage", "val/pseudo_mask/pointing_chance"} <= set(run.data.metrics)
     assert run.data.tags["g2d.data_hash"] == m["data_hash"] and run.data.tags["g2d.split_hash"] == m["split_hash"]
     figures = [a.path for a in tracking._client(tracking.tracking_uri()).list_artifacts(outcome.run_id, "figures")]
     assert any(f.endswith(".png") for f in figures)

@@ -254,24 +254,33 @@ class PairDataset(Dataset):
 
         return apply(image, Image.Resampling.BILINEAR), apply(mask, Image.Resampling.NEAREST) if mask else None
 
-    def finding_mask(self, index: int) -> Image.Image:
-        """Union of row `index`'s rendered finding masks (SynthCXR), for scoring pseudo masks."""
-        union = np.zeros((self.size, self.size), dtype=bool)
+    def finding_masks(self, index: int) -> dict[str, np.ndarray]:
+        """Row `index`'s rendered finding masks (SynthCXR) by kind, each the union of that kind's findings."""
+        out: dict[str, np.ndarray] = {}
         findings = self.rows.get("findings")
         for f in json.loads((findings[index] if findings is not None else "") or "[]"):
             if f.get("mask"):
-                union |= np.asarray(self._load(f["mask"], Image.Resampling.NEAREST)) > 0  # 0/1 or 0/255
-        return Image.fromarray(union.astype(np.uint8) * 255)
+                mask = np.asarray(self._load(f["mask"], Image.Resampling.NEAREST)) > 0  # 0/1 or 0/255
+                out[f["kind"]] = out[f["kind"]] | mask if f["kind"] in out else mask
+        return out
 
     def __getitem__(self, index: int) -> dict:
         image = self.image(index)
-        mask = self.finding_mask(index) if self.with_masks else None
+        kinds = self.finding_masks(index) if self.with_masks else None
+        mask = None
+        if kinds is not None:  # their union, for scoring pseudo masks
+            union = np.zeros((self.size, self.size), dtype=bool)
+            for m in kinds.values():
+                union |= m
+            mask = Image.fromarray(union.astype(np.uint8) * 255)
         if self.augment:
             image, mask = self._augment(image, mask, index)
         item = {"index": index, "id": self.rows["id"][index], "report": self.rows["report"][index],
                 "image": torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]}
         if mask is not None:
             item["mask"] = torch.from_numpy(np.asarray(mask) > 127)[None]
+            if not self.augment:  # each kind apart, to score pseudo masks per kind (val is never augmented)
+                item["finding_masks"] = {k: torch.from_numpy(m)[None] for k, m in kinds.items()}
         return item
 
 
@@ -290,6 +299,8 @@ class Collate:
                  "index": torch.tensor([it["index"] for it in items])}
         if "mask" in items[0]:
             batch["mask"] = torch.stack([it["mask"] for it in items])
+        if "finding_masks" in items[0]:
+            batch["finding_masks"] = [it["finding_masks"] for it in items]
         return batch
 
 

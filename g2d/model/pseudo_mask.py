@@ -65,15 +65,26 @@ def bilateral_smooth(mask: torch.Tensor, guide: torch.Tensor, kernel: int, sigma
     return weighted > 0.5 * total  # the weighted mean above 0.5 (total >= the centre's weight, 1)
 
 
+def attention_map(attention: torch.Tensor, size: tuple[int, int], cfg: PseudoMask) -> torch.Tensor:
+    """(B, heads, h, w) -> (B, 1, H, W): the heads' mean (or the first head), upsampled to the image."""
+    attention = attention.detach().float()
+    agg = attention.mean(1, keepdim=True) if cfg.aggregate_heads else attention[:, :1]
+    return F.interpolate(agg, size=size, mode="bilinear", align_corners=False)
+
+
+def body_region(images: torch.Tensor, cfg: PseudoMask) -> torch.Tensor:
+    """Where a pseudo mask may lie: the body (Otsu) or, without body_mask, the whole image; a blank image
+    keeps all its pixels."""
+    inside = otsu_body_mask(images) if cfg.body_mask else torch.ones_like(images, dtype=torch.bool)
+    return inside | ~inside.flatten(1).any(1).view(-1, 1, 1, 1)
+
+
 @torch.no_grad()
 def pseudo_mask(attention: torch.Tensor, images: torch.Tensor, cfg: PseudoMask,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """attention (B, heads, h, w) and images (B, 1, H, W) in [0, 1] -> float mask (B, 1, H, W) of 0 / 1."""
-    attention = attention.detach().float()
-    agg = attention.mean(1, keepdim=True) if cfg.aggregate_heads else attention[:, :1]
-    up = F.interpolate(agg, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    inside = otsu_body_mask(images) if cfg.body_mask else torch.ones_like(up, dtype=torch.bool)
-    inside = inside | ~inside.flatten(1).any(1).view(-1, 1, 1, 1)  # a blank image keeps all its pixels
+    up = attention_map(attention, images.shape[-2:], cfg)
+    inside = body_region(images, cfg)
     q = 0.5 if cfg.threshold == "median" else float(cfg.threshold)
     mask = quantile_binarise(up * inside, inside, q)
     if cfg.smooth:

@@ -63,6 +63,29 @@ def _grid(n: int, title: str):
     return fig, list(axes.flat)
 
 
+def pseudo_mask_curve(by_epoch: list[dict], title: str, path: Path) -> Path:
+    """Pseudo-mask coverage, precision, IoU and the attention's pointing game over epochs (solid), each beside
+    its chance value (dashed, same colour): whether the attention learns where the findings are."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    epochs = [row["epoch"] for row in by_epoch]
+    for name, colour in zip(("coverage", "precision", "iou", "pointing"), ("C0", "C1", "C2", "C3"), strict=True):
+        ax.plot(epochs, [row[name] for row in by_epoch], "o-", color=colour, label=name)
+        ax.plot(epochs, [row[f"{name}_chance"] for row in by_epoch], "--", color=colour, alpha=0.7,
+                label=f"{name}, chance")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val images with a rendered finding (mean)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write (creating the folder) and close a matplotlib figure."""
     import matplotlib.pyplot as plt

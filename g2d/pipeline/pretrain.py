@@ -29,7 +29,7 @@ from g2d.data import manifest as mf
 from g2d.data.pairs import Collate, PairDataset, seed_worker
 from g2d.errors import DataError
 from g2d.pipeline import distributed, figures, model_files, preflight, pretrain_step, runtime
-from g2d.pipeline.pretrain_eval import embed_all, pseudo_mask_quality, recall_at_k
+from g2d.pipeline.pretrain_eval import embed_all, flat_quality, pseudo_mask_quality, recall_at_k
 from g2d.progress import Reporter, silent
 
 CHECKPOINT = "checkpoint.pt"
@@ -73,7 +73,8 @@ def model_card(params: Params, metrics: dict, data_hash: str, split_hash: str) -
     rerun that trains the same weights writes the same folder and DVC sees nothing new downstream."""
     m, p = params.model, params.pretrain
     retrieval = ", ".join(f"{k} {v:.3f}" for k, v in metrics.get("retrieval", {}).items())
-    iou = metrics.get("pseudo_mask", {})
+    q = metrics.get("pseudo_mask", {})
+    nan = float("nan")
     return f"""# {p.register_as}
 
 G2D pre-trained chest X-ray encoder (Liu et al., NeurIPS 2024): a {m.encoder} U-Net image tower with its
@@ -89,7 +90,10 @@ decoder, a `{m.text_model}` text tower, projections to d = {m.embed_dim} and a {
 
 ## Metrics (val split)
 - zero-shot retrieval: {retrieval}
-- pseudo-mask IoU with rendered findings: {iou.get('pseudo_mask_iou', float('nan')):.3f}
+- pseudo masks on the rendered findings (chance: a random mask of the same area in the body, a random
+  point of the body): coverage {q.get('coverage', nan):.3f} (chance {q.get('coverage_chance', nan):.3f}),
+  IoU {q.get('iou', nan):.3f} ({q.get('iou_chance', nan):.3f}), pointing game {q.get('pointing', nan):.3f}
+  ({q.get('pointing_chance', nan):.3f})
 
 ## Intended use and limits
 For research: initialise segmentation, detection and classification models of chest radiographs and
@@ -146,7 +150,7 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
     model.text.length_groups = compute.text_length_groups
     if compute.grad_checkpointing:
         model.checkpoint_towers()
-    step, history = 0, {"pseudo_mask_iou": [], "loss": []}
+    step, history = 0, {"pseudo_mask": [], "loss": []}
     ckpt_path = ckpt_dir / CHECKPOINT
     # what a checkpoint must agree on to be resumed: the networks, the training recipe, the data
     identity = {**{f"model.{k}": v for k, v in to_dict(cfg).items()},
@@ -244,8 +248,10 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                         model.eval()
                         quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
                         model.train()
-                        history["pseudo_mask_iou"].append([step, quality.get("pseudo_mask_iou", float("nan"))])
-                        tr.log_metrics({f"val/{k}": v for k, v in quality.items()}, step=step)
+                        history["pseudo_mask"].append({"step": step, "epoch": round(step / steps_per_epoch, 3),
+                                                       **{k: v for k, v in quality.items()
+                                                          if k not in ("by_kind", "unseen")}})
+                        tr.log_metrics(flat_quality(quality), step=step)
                     if (step % p.checkpoint_every == 0 and step < total) or stopping:  # after the epoch's evaluation
                         checkpoint()
                     if stopping:
@@ -327,11 +333,15 @@ def _finish(params: Params, model, val: PairDataset, collate, eval_loader, info:
         "steps": step, "epochs": round(step / steps_per_epoch, 3), "train_pairs": n_train, "val_pairs": n_val,
         "final_loss": history["loss"][-1][1] if history["loss"] else None,
         "retrieval": retrieval, "retrieval_chance": {f"R@{k}": round(k / n_val, 5) for k in (1, 5, 10)},
-        "pseudo_mask": quality,
-        "pseudo_mask_iou_by_step": history["pseudo_mask_iou"],
+        "pseudo_mask": quality,  # the final weights': overall, by finding kind, each with its chance value
+        "pseudo_mask_by_epoch": history["pseudo_mask"],  # overall, at the end of every epoch
         "data_hash": info.get("sha256"), "split_hash": split_hash,
     }
     tr.log_metrics({f"val/{k}": v for k, v in retrieval.items()}, step=step)
+    if history["pseudo_mask"]:
+        curve = figures.pseudo_mask_curve(history["pseudo_mask"], f"{p.name} ({p.dense}): pseudo masks on val findings",
+                                          out.parent / f"{p.name}-figures" / "pseudo_mask_by_epoch.png")
+        tr.log_artifact(curve, "figures")
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     tr.log_artifact(metrics_path)

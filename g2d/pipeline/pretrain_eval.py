@@ -3,11 +3,13 @@ pseudo masks cover the rendered findings of SynthCXR (no published implementatio
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from g2d.config import PseudoMask
-from g2d.model.pseudo_mask import pseudo_mask
+from g2d.model.pseudo_mask import attention_map, body_region, pseudo_mask
 
 
 def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
@@ -35,28 +37,62 @@ def embed_all(model, loader, dev) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(images), torch.cat(texts)
 
 
+SCORES = ("coverage", "precision", "iou", "pointing")
+
+
 @torch.no_grad()
-def pseudo_mask_quality(model, loader, cfg: PseudoMask, dev) -> dict[str, float]:
-    """Over val images that have a rendered finding: IoU of pseudo mask and finding masks, and the
-    share of finding pixels the pseudo mask covers. A random top-15% mask scores the finding area's
-    share of the body; the figures should rise above that as the attention learns where to look."""
-    inter = union = covered = truth = 0.0
-    ious, n = [], 0
+def pseudo_mask_quality(model, loader, cfg: PseudoMask, dev) -> dict:
+    """How well the pseudo masks (and the attention they come from) find the rendered findings of val images
+    that have one, each score beside its chance value, overall (`all`: the union of an image's findings) and
+    per finding kind (`by_kind`), as means over images:
+
+    - coverage: the share of finding pixels inside the mask; precision: the share of mask pixels on a finding;
+      IoU. Chance: a random mask of the same area inside the body (the same region the pseudo mask is drawn
+      from): coverage a * |F in body| / (body * |F|), precision |F in body| / body, IoU from the expected
+      overlap.
+    - pointing: whether the maximum of the (head-averaged, upsampled) attention inside the body falls on a
+      finding; chance: a random point of the body, |F in body| / body.
+    """
+    cfg = cfg.model_copy(update={"shuffle": False})
+    rows: dict[str, list[dict[str, float]]] = {}
+    unseen: dict[str, int] = {}
     for batch in loader:
         has = batch["mask"].flatten(1).any(1)
         if not has.any():
             continue
-        image = model.encode_image(batch["image"].to(dev))
-        masks = pseudo_mask(image.attention, batch["image"].to(dev), cfg.model_copy(update={"shuffle": False}))
-        masks = masks.cpu().bool()[has]
-        true = batch["mask"][has]
-        i = (masks & true).flatten(1).sum(1).float()
-        u = (masks | true).flatten(1).sum(1).float()
-        ious.append(i / u.clamp_min(1))
-        inter, union = inter + float(i.sum()), union + float(u.sum())
-        covered, truth = covered + float(i.sum()), truth + float(true.flatten(1).sum())
-        n += int(has.sum())
-    if not n:
-        return {"pseudo_mask_images": 0}
-    return {"pseudo_mask_iou": float(torch.cat(ious).mean()), "pseudo_mask_iou_pooled": inter / max(union, 1.0),
-            "pseudo_mask_recall": covered / max(truth, 1.0), "pseudo_mask_images": n}
+        images = batch["image"].to(dev)
+        attention = model.encode_image(images).attention
+        masks = pseudo_mask(attention, images, cfg).bool().cpu()
+        body = body_region(images, cfg).cpu()
+        peaks = attention_map(attention, images.shape[-2:], cfg).cpu().masked_fill(~body, -math.inf).flatten(1)
+        peaks = peaks.argmax(1)
+        for i in torch.nonzero(has).flatten().tolist():
+            kinds = {"all": batch["mask"][i], **batch.get("finding_masks", [{}] * len(has))[i]}
+            for kind, truth in kinds.items():
+                if not truth.any():  # drawn, but under a pixel at this size: counted, not scored
+                    unseen[kind] = unseen.get(kind, 0) + 1
+                    continue
+                rows.setdefault(kind, []).append(_scores(masks[i], body[i], int(peaks[i]), truth.bool()))
+    if not rows:
+        return {"images": 0}
+    summary = {kind: {"images": len(r), **{k: sum(x[k] for x in r) / len(r) for k in r[0]}}
+               for kind, r in sorted(rows.items())}
+    return {**summary.pop("all"), "by_kind": summary, **({"unseen": unseen} if unseen else {})}
+
+
+def _scores(mask: torch.Tensor, body: torch.Tensor, peak: int, truth: torch.Tensor) -> dict[str, float]:
+    a, b, f = float(mask.sum()), float(body.sum()), float(truth.sum())
+    f_body, hit = float((truth & body).sum()), float((mask & truth).sum())
+    expected_hit = a * f_body / b
+    return {"coverage": hit / f, "coverage_chance": expected_hit / f,
+            "precision": hit / a if a else 0.0, "precision_chance": f_body / b,
+            "iou": hit / (a + f - hit), "iou_chance": expected_hit / (a + f - expected_hit),
+            "pointing": float(truth.flatten()[peak]), "pointing_chance": f_body / b}
+
+
+def flat_quality(quality: dict, prefix: str = "val/pseudo_mask/") -> dict[str, float]:
+    """The overall scores and chance values, and each kind's coverage and pointing, as MLflow metric names."""
+    out = {f"{prefix}{k}": v for k, v in quality.items() if k not in ("by_kind", "unseen")}
+    for kind, q in quality.get("by_kind", {}).items():
+        out |= {f"{prefix}{kind}/{k}": q[k] for k in ("coverage", "pointing")}
+    return out
