@@ -142,6 +142,9 @@ class Model(Strict):
     encoder: str = Field("resnet18", description="segmentation_models_pytorch encoder name (paper: resnet50)")
     encoder_weights: str | None = Field(None, description="null = random init; 'imagenet' needs internet")
     decoder_channels: tuple[int, ...] = Field((128, 64, 32, 16, 8), min_length=5, max_length=5)
+    output_stride: Literal[16, 32] = Field(32, description="the encoder's stride at its last map, the attention "
+                                           "grid's cell: 16 dilates the last stage (a 2x finer grid at the same "
+                                           "input size)")
     text_model: str = Field(
         "minilm", description="'minilm' = the packaged all-MiniLM-L6-v2; 'tiny' = a 2-layer BERT built from config "
         "(tests); 'bert-base-config' = a randomly initialised BERT-base (12 x 768) built from config (benchmarks); "

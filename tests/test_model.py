@@ -212,3 +212,25 @@ def test_shuffle_never_leaves_an_image_its_own_mask():
 def test_training_size_must_fit_the_encoder_stride():
     with pytest.raises(ConfigError, match=r"pretrain.image_size = 100 is invalid: must be a multiple of 32"):
         validate({"pretrain": {"image_size": 100}})
+
+
+def test_output_stride_16_doubles_the_attention_grid_with_the_same_weights(model, tokenizer):
+    """model.output_stride = 16 dilates the encoder's last stage: the same parameters (the pooling's positional
+    embedding has a row per grid cell), a 2x finer last map, and the U-Net still decodes to the input size."""
+    images, _, _ = batch(tokenizer)
+    dilated = G2D(TINY.model_copy(update={"output_stride": 16}), tokenizer.vocab_size, SIZE)
+    assert dilated.state_dict().keys() == model.state_dict().keys()
+    assert {k for k, v in dilated.state_dict().items() if v.shape != model.state_dict()[k].shape} == {"pool.positional"}
+    image = dilated.encode_image(images)
+    assert image.attention.shape == (4, 2, 4, 4) and dilated.pool.grid == 4
+    assert dilated.decode(image.features).shape == (4, 1, SIZE, SIZE)
+
+
+def test_an_encoder_that_cannot_be_dilated_is_refused_by_name():
+    from g2d.model.towers import build_unet
+
+    with pytest.raises(ConfigError, match=r"model.output_stride = 16: encoder 'vgg11' cannot be dilated .* use "
+                                          r"output_stride 32 or a ResNet-family encoder"):
+        build_unet(Model(encoder="vgg11", output_stride=16))
+    with pytest.raises(ConfigError, match="output_stride"):
+        validate({"model": {"output_stride": 8}})

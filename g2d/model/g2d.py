@@ -45,7 +45,7 @@ class G2D(nn.Module):
         self.cfg = cfg
         self.unet = build_unet(cfg)
         c5 = self.unet.encoder.out_channels[-1]
-        grid = max(image_size // 32, 1)  # the C5 map of a stride-32 encoder
+        grid = max(image_size // cfg.output_stride, 1)  # the encoder's last map
         self.proj_image = ProjectionMap(c5, cfg.embed_dim)
         self.pool = AttentionPool(cfg.embed_dim, cfg.heads, grid)
         self.text = TextTower(cfg, vocab_size)

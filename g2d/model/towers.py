@@ -24,11 +24,18 @@ def build_unet(cfg: Model) -> nn.Module:
     import segmentation_models_pytorch as smp
 
     try:
-        return smp.Unet(cfg.encoder, encoder_weights=cfg.encoder_weights, in_channels=1, classes=1,
+        unet = smp.Unet(cfg.encoder, encoder_weights=cfg.encoder_weights, in_channels=1, classes=1,
                         decoder_channels=list(cfg.decoder_channels))
     except (KeyError, ValueError) as e:
         raise ConfigError(f"model.encoder = {cfg.encoder!r} (weights {cfg.encoder_weights!r}) is not a "
                           f"segmentation_models_pytorch encoder: {e}") from None
+    if cfg.output_stride != 32:  # the last stage dilated: same weights, a finer last map (smp's decoder follows)
+        try:
+            unet.encoder.make_dilated(cfg.output_stride)
+        except (AttributeError, ValueError) as e:
+            raise ConfigError(f"model.output_stride = {cfg.output_stride}: encoder {cfg.encoder!r} cannot be dilated "
+                              f"({e}); use output_stride 32 or a ResNet-family encoder") from None
+    return unet
 
 
 def text_source(name: str) -> str:
