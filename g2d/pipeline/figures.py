@@ -79,9 +79,10 @@ def pseudo_mask_curve(by_epoch: list[dict], title: str, path: Path) -> Path:
                 label=f"{name}, chance")
     ax.set_xlabel("epoch")
     ax.set_ylabel("val images with a rendered finding (mean)")
-    ax.set_ylim(0, 1)
+    top = max(row[k] for row in by_epoch for k in row if k not in ("step", "epoch", "images"))
+    ax.set_ylim(0, min(1.0, 1.35 * top + 0.02))  # room for the legend; precision's and pointing's chance coincide
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
 
