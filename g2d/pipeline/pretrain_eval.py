@@ -37,9 +37,6 @@ def embed_all(model, loader, dev) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(images), torch.cat(texts)
 
 
-SCORES = ("coverage", "precision", "iou", "pointing")
-
-
 @torch.no_grad()
 def pseudo_mask_quality(model, loader, cfg: PseudoMask, dev) -> dict:
     """How well the pseudo masks (and the attention they come from) find the rendered findings of val images
