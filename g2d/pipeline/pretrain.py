@@ -29,7 +29,7 @@ from g2d.data import manifest as mf
 from g2d.data.pairs import Collate, PairDataset, seed_worker
 from g2d.errors import DataError
 from g2d.pipeline import distributed, figures, model_files, preflight, pretrain_step, runtime
-from g2d.pipeline.pretrain_eval import embed_all, flat_quality, pseudo_mask_quality, recall_at_k
+from g2d.pipeline.pretrain_eval import embed_all, flat_quality, overall, pseudo_mask_quality, recall_at_k
 from g2d.progress import Reporter, silent
 
 CHECKPOINT = "checkpoint.pt"
@@ -204,7 +204,7 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
         grid_batch = collate([val[i] for i in _grid_rows(val, p.grid_images)]) if ctx.main else None
         advance = reporter.task("pre-train G2D", total) if ctx.main else (lambda n: None)
         advance(step)
-        started, seen = time.perf_counter(), 0
+        started, seen, final_quality = time.perf_counter(), 0, None
         grid_dir = out.parent / f"{p.name}-figures"
         with runtime.StopRequests() as stop:
             while step < total:
@@ -249,9 +249,9 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
                         quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
                         model.train()
                         history["pseudo_mask"].append({"step": step, "epoch": round(step / steps_per_epoch, 3),
-                                                       **{k: v for k, v in quality.items()
-                                                          if k not in ("by_kind", "unseen")}})
+                                                       **overall(quality)})
                         tr.log_metrics(flat_quality(quality), step=step)
+                        final_quality = quality if step == total else None  # the final weights': _finish's
                     if (step % p.checkpoint_every == 0 and step < total) or stopping:  # after the epoch's evaluation
                         checkpoint()
                     if stopping:
@@ -265,7 +265,7 @@ def _run(params: Params, ctx: distributed.Context, resume: bool, reporter: Repor
         if not ctx.main:
             distributed.barrier(ctx)  # rank 0 evaluates, exports and registers
             return None
-        outcome = _finish(params, model, val, collate, eval_loader, info, split_hash, history, step,
+        outcome = _finish(params, model, val, collate, eval_loader, final_quality, info, split_hash, history, step,
                           steps_per_epoch, len(train), dev, tr, out, metrics_path)
     distributed.barrier(ctx)
     return outcome
@@ -318,8 +318,8 @@ def _resumable(ckpt_path: Path, identity: dict) -> dict:
     return state
 
 
-def _finish(params: Params, model, val: PairDataset, collate, eval_loader, info: dict, split_hash: str,
-            history: dict, step: int, steps_per_epoch: int, n_train: int, dev, tr, out: Path,
+def _finish(params: Params, model, val: PairDataset, collate, eval_loader, quality: dict | None, info: dict,
+            split_hash: str, history: dict, step: int, steps_per_epoch: int, n_train: int, dev, tr, out: Path,
             metrics_path: Path) -> PretrainOutcome:
     """Rank 0 after training: val retrieval and pseudo-mask quality, metrics, the model folder, the registry."""
     p = params.pretrain
@@ -327,7 +327,8 @@ def _finish(params: Params, model, val: PairDataset, collate, eval_loader, info:
     val_loader = DataLoader(val, batch_size=p.batch_size, collate_fn=collate)
     image_emb, text_emb = embed_all(model, val_loader, dev)
     retrieval = recall_at_k(image_emb @ text_emb.T)
-    quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
+    if quality is None:  # a run resumed after its last step: not evaluated in this process
+        quality = pseudo_mask_quality(model, eval_loader, p.pseudo_mask, dev)
     n_val = len(val)
     metrics = {
         "steps": step, "epochs": round(step / steps_per_epoch, 3), "train_pairs": n_train, "val_pairs": n_val,

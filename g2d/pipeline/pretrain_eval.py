@@ -87,9 +87,14 @@ def _scores(mask: torch.Tensor, body: torch.Tensor, peak: int, truth: torch.Tens
             "pointing": float(truth.flatten()[peak]), "pointing_chance": f_body / b}
 
 
+def overall(quality: dict) -> dict[str, float]:
+    """The scores over every finding (and their chance values, the image count), without the per-kind parts."""
+    return {k: v for k, v in quality.items() if k not in ("by_kind", "unseen")}
+
+
 def flat_quality(quality: dict, prefix: str = "val/pseudo_mask/") -> dict[str, float]:
     """The overall scores and chance values, and each kind's coverage and pointing, as MLflow metric names."""
-    out = {f"{prefix}{k}": v for k, v in quality.items() if k not in ("by_kind", "unseen")}
+    out = {f"{prefix}{k}": v for k, v in overall(quality).items()}
     for kind, q in quality.get("by_kind", {}).items():
         out |= {f"{prefix}{kind}/{k}": q[k] for k in ("coverage", "pointing")}
     return out
