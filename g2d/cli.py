@@ -253,15 +253,20 @@ def pretrain(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
     variant: Annotated[str | None, typer.Option("--variant", help="pre-train this study ablation (study.ablations) "
                                                 "instead: models/ablations/<variant>")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="with --variant: pre-train it again with this seed, "
+                                             "into models/ablations/<variant>-seed<seed>")] = None,
 ) -> None:
     """Pre-train G2D on the pre-training manifest and register the model (the `pretrain` DVC stage)."""
     from g2d.pipeline import ablations
     from g2d.pipeline import pretrain as stage
     from g2d.progress import rich_progress
 
+    if seed is not None and variant is None:
+        raise ConfigError("--seed needs --variant (a study ablation's rerun); for the main pre-training use "
+                          "--set seed=N")
     cfg = _params(params, set_)
     if variant is not None:  # the ablation's overrides first, the user's --set last
-        cfg = _params(params, [*ablations.variant_overrides(cfg, variant), *(set_ or [])])
+        cfg = _params(params, [*ablations.variant_overrides(cfg, variant, seed), *(set_ or [])])
     with rich_progress() as reporter:
         outcome = stage.run(cfg, resume=resume, reporter=reporter)
     if outcome is None:  # a rank other than 0 of a torchrun job: rank 0 reports
@@ -388,14 +393,19 @@ def ground(
                                              "(default: zeroshot.grounding.task)")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="ground this study ablation's encoder instead "
+                                                "(models/ablations/<variant>)")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="with --variant: its rerun with this seed")] = None,
 ) -> None:
     """Zero-shot grounding: pointing game, IoU / Dice and CNR of phrase heat maps (the `ground` DVC stage)."""
     from g2d.pipeline import grounding as stage
     from g2d.progress import rich_progress
 
+    if seed is not None and variant is None:
+        raise ConfigError("--seed needs --variant: it names an ablation's rerun (models/ablations/<variant>-seed<N>)")
     cfg = _params(params, set_)
     with rich_progress() as reporter:
-        out = stage.run(cfg, model, task, reporter)
+        out = stage.run(cfg, model, task, reporter, variant=variant, seed=seed)
     m, t = out.metrics, out.metrics["test"]
     typer.echo(f"{m['task']} {m['split']} ({t['targets']} findings on {t['images']} images), {m['model']}: pointing "
                f"{t['pointing']:.4f} (chance {t['pointing_chance']:.4f}; in the body {t['pointing_body']:.4f}, chance "

@@ -214,11 +214,6 @@ class Pretrain(Strict):
     name: str = Field("pretrain", pattern=r"^[A-Za-z0-9_-]+$",
                       description="output names: models/<name>, metrics/<name>.json (e.g. pretrain-global)")
 
-    @field_validator("image_size")
-    @classmethod
-    def _stride(cls, v: int) -> int:
-        return _multiple_of_32(v)
-
 
 def _multiple_of_32(v: int) -> int:
     if v % 32:
@@ -446,9 +441,22 @@ class Study(Strict):
     transfer_tasks: tuple[SegmentationTask, ...] = Field(("siim-seg",), description="segmentation tasks of "
                                                          "matrix.tasks fine-tuned with encoder + decoder transfer too, "
                                                          "at matrix.fractions")
+    grounding_pair: tuple[str, str] = Field(("g2d", "dense-none"), description="two ablations compared on phrase "
+                                            "grounding, paired by phrase and pre-training seed (first minus second)")
+    grounding_seeds: tuple[int, ...] = Field((), description="more pre-training seeds of grounding_pair's variants "
+                                             "(beyond `seed`), each pre-trained and grounded by `dvc repro`")
     confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of every interval")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the paired tests")
     resamples: int = Field(9999, ge=99, description="bootstrap resamples")
+
+    @model_validator(mode="after")
+    def _pair_is_known(self) -> Study:
+        unknown = [v for v in self.grounding_pair if v not in self.ablations]
+        if self.ablations and unknown:
+            raise ValueError(f"grounding_pair names {unknown}, not in study.ablations ({', '.join(self.ablations)})")
+        if len(set(self.grounding_seeds)) != len(self.grounding_seeds):
+            raise ValueError(f"grounding_seeds {list(self.grounding_seeds)} repeats a seed")
+        return self
 
     @field_validator("ablations")
     @classmethod
@@ -546,6 +554,11 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _matrix_inits_named(self) -> Params:
+        stride, size = self.model.output_stride, self.pretrain.image_size
+        if size % stride:  # a multiple of model.output_stride (the pre-training size, checked here: it needs both)
+            raise ValueError(f"pretrain.image_size = {size} is invalid: must be a multiple of {stride} "
+                             f"(model.output_stride, the encoder's stride); e.g. {size // stride * stride or stride}"
+                             + (" or model.output_stride=16" if stride == 32 and size % 16 == 0 else ""))
         for key in ("inits", "encoders"):
             unknown = [i for i in getattr(self.matrix, key) if i not in self.finetune.inits]
             if unknown:
@@ -562,6 +575,9 @@ class Params(Strict):
         if off:
             raise ValueError(f"study.transfer_tasks {off} are not in matrix.tasks {list(self.matrix.tasks)}: the "
                              "encoder + decoder row is compared with the matrix's encoder-only runs; add them there")
+        if self.seed in self.study.grounding_seeds:
+            raise ValueError(f"study.grounding_seeds {list(self.study.grounding_seeds)} holds `seed` = {self.seed}, "
+                             "the seed every ablation is already pre-trained with; list only the other seeds")
         untrained = [i for i in self.matrix.encoders if self.finetune.inits[i] == "random"]
         if untrained:
             raise ValueError(f"matrix.encoders {untrained} name a random init: zero-shot needs a pre-trained encoder")

@@ -37,6 +37,18 @@ def test_bad_set_override_is_one_line(project_dir):
     assert "synth.image_size = 'abc' is invalid" in result.output
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["pretrain", "--seed", "43"], "--seed needs --variant (a study ablation's rerun); for the main pre-training use "
+                                   "--set seed=N"),
+    (["pretrain", "--variant", "nope"], "--variant 'nope' is not a name in study.ablations"),
+])
+def test_pretrain_variant_and_seed_mistakes_are_one_line(project_dir, args, message):
+    (project_dir / "params.yaml").write_text("")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert message in result.output
+
+
 @pytest.fixture
 def registered(mlflow_uri, tmp_path):
     with tracking.start_run("pretrain", config={"model": "tiny"}) as run:

@@ -92,7 +92,8 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     assert pretrain["steps"] > 0 and pretrain["data_hash"] == metrics["sets"]["pretrain"]["sha256"]
     [exp] = [e for e in client.search_experiments() if e.name == "g2d-pretrain"]
     runs = {r.data.tags["g2d.dvc_stage"]: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"pretrain", "pretrain-global", "ablation@g2d", "ablation@shuffled-masks"}
+    assert set(runs) == {"pretrain", "pretrain-global", "ablation@g2d", "ablation@shuffled-masks",
+                         "ablation-seed@g2d-43", "ablation-seed@shuffled-masks-43"}
     for stage, name in (("pretrain", "g2d-encoder"), ("pretrain-global", "g2d-encoder-global")):
         [version] = client.search_model_versions(f"name='{name}'")
         assert runs[stage].info.status == "FINISHED" and version.run_id == runs[stage].info.run_id
@@ -131,6 +132,14 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
         assert title in studied, title
     assert "(n = 1, no interval)" in studied  # one seed: each cell says so rather than inventing an interval
     assert (repo / "reports" / "study" / "ablations.png").stat().st_size > 10_000
+    # grounding: every ablation, the grounding pair again with seed 43, compared over both seeds and the phrases
+    assert json.loads((repo / "metrics" / "ablations" / "grounding" / "synthcxr_g2d-seed43.json").read_text()
+                      )["model_seed"] == 43
+    assert "| shuffled-masks | 42, 43 |" in studied
+    assert "g2d - shuffled-masks, pointing game x 100:" in studied and "paired over 2 pre-training seeds x" in studied
+    assert client.search_model_versions("name='g2d-ablation-g2d-seed43'")
+    results = (repo / "reports" / "results.md").read_text()
+    assert "G2D - global-only, pointing game x 100:" in results and "one pre-training seed each" in results
     # promote: the rule in params gives g2d-encoder's only version the alias champion, and writes its card
     assert int(client.get_model_version_by_alias("g2d-encoder", "champion").version) == 1
     card = (repo / "reports" / "model_card.md").read_text()

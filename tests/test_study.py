@@ -195,3 +195,15 @@ def test_a_cell_with_fewer_seeds_is_marked(tmp_path):
     assert "(n = 2 of 3)" in md and "0 cell(s) not run yet (–) and 1 with fewer than 3 seeds" in md
     diff = next(line for line in md.splitlines() if line.startswith("| G2D − Global only |") and "n = 2 of 3" in line)
     assert diff.count("(n = 2 of 3)") == 1  # the paired difference too says it lost a seed
+
+
+def test_grounding_pair_and_seeds_are_validated():
+    from g2d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"grounding_pair names \['nope'\], not in study.ablations"):
+        _params(grounding_pair=["g2d", "nope"])
+    with pytest.raises(ConfigError, match=r"grounding_seeds \[43, 43\] repeats a seed"):
+        _params(grounding_seeds=[43, 43])
+    with pytest.raises(ConfigError, match=r"study.grounding_seeds \[42, 43\] holds `seed` = 42, the seed every "
+                                          r"ablation is already pre-trained with"):
+        _params(grounding_seeds=[42, 43])

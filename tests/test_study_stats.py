@@ -197,3 +197,21 @@ def test_formatters_exact_text():
     assert format_comparison(_comparison(diff=-0.0001)) == "+0.000 [0.004, 0.038], p = 0.012 *"
     with pytest.raises(ValueError, match="interval"):
         format_cell(_summary(), interval="wald")
+
+
+def test_one_run_each_is_an_interval_over_items_and_no_test():
+    from g2d.pipeline.study_stats import compare_one_run
+
+    a, b = np.r_[np.ones(30), np.zeros(10)], np.r_[np.ones(10), np.zeros(30)]
+    c = compare_one_run(a, b, names=("g2d", "global"), n_resamples=999)
+    d = a - b
+    assert c.diff == pytest.approx(0.5) and (c.n_seeds, c.n_images) == (1, 40)
+    assert c.ci == pytest.approx(stats.bootstrap((np.sort(d),), np.mean, n_resamples=999, method="BCa",
+                                                 rng=np.random.default_rng(0)).confidence_interval)
+    assert c.p_value is None and not c.significant and c.ci_method == "BCa over items"
+    assert c.direction == "g2d better than global on these 40 items; one training run each, untested"
+    assert "the interval is over items, not over training runs" in c.note
+    with pytest.raises(DataError, match="1 paired item"):
+        compare_one_run([1.0], [0.0])
+    with pytest.raises(DataError, match=r"shapes \(1, 3\) and \(1, 2\)"):
+        compare_one_run([1.0, 0.0, 1.0], [0.0, 1.0])

@@ -254,12 +254,31 @@ def test_zeroshot_and_ground_end_to_end(project):
     assert t["pointing_chance"] <= t["pointing_body_chance"] < 1  # the body is part of the image
     assert t["threshold"] in load_params("params.yaml").zeroshot.grounding.thresholds
     assert (project / "reports" / "grounding" / "synthcxr_g2d.png").stat().st_size > 10_000
+    # every target's hit is kept under its id, with the pre-training seed, for paired comparisons
+    per = gr["per_target"]
+    assert gr["model_seed"] == load_params("params.yaml").seed and gr["variant"] is None
+    assert len(per["id"]) == len(set(per["id"])) == len(per["pointing"]) == t["targets"]
+    assert sum(per["pointing"]) / t["targets"] == pytest.approx(t["pointing"])
     client = MlflowClient()
     for job, artifact in (("g2d-zeroshot", "figures/synthcxr_g2d.png"), ("g2d-ground", "figures/synthcxr_g2d.png")):
         [exp] = [e for e in client.search_experiments() if e.name == job]
         [run] = client.search_runs([exp.experiment_id])
         assert run.info.status == "FINISHED" and run.data.tags["g2d.model"] == "models/pretrain"
         assert artifact in {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+
+
+def test_ground_an_ablation_rerun_with_its_seed(project):
+    """`g2d ground --variant V --seed S` grounds models/ablations/V-seedS, beside the other ablations."""
+    folder = project / "models" / "ablations" / "g2d-seed43"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(project / "models" / "pretrain", folder)
+    saved = yaml.safe_load((folder / "params.yaml").read_text())
+    (folder / "params.yaml").write_text(yaml.safe_dump({**saved, "seed": 43}))
+    result = CliRunner().invoke(app, ["ground", "--variant", "g2d", "--seed", "43"])
+    assert result.exit_code == 0, result.output
+    m = json.loads((project / "metrics" / "ablations" / "grounding" / "synthcxr_g2d-seed43.json").read_text())
+    assert m["variant"] == "g2d" and m["model_seed"] == 43 and m["model_source"] == "models/ablations/g2d-seed43"
+    assert (project / "reports" / "grounding" / "ablations" / "synthcxr_g2d-seed43.png").is_file()
 
 
 def test_grounding_targets_from_findings_masks_and_boxes(project):
@@ -324,6 +343,11 @@ def _fine_tuned_folder(project: Path) -> Path:
     ("zeroshot", ["--model", "models/not-an-encoder"], "a fine-tuned segmentation model (task siim-seg), not a "
                                                        "pre-trained encoder"),
     ("ground", ["--model", "global"], "models/pretrain-global (finetune.inits.global) does not exist"),
+    ("ground", ["--seed", "43"], "--seed needs --variant"),
+    ("ground", ["--variant", "nope"], "--variant 'nope' is not a name in study.ablations (g2d, shuffled-masks)"),
+    ("ground", ["--variant", "shuffled-masks", "--seed", "7"], "--variant shuffled-masks: "
+     "models/ablations/shuffled-masks-seed7 does not exist; pre-train it first (g2d pretrain --variant shuffled-masks "
+     "--seed 7)"),
 ])
 def test_zeroshot_and_ground_bad_inputs(project, command, args, message):
     _fine_tuned_folder(project)

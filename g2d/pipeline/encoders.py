@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from g2d.config import Params
 from g2d.errors import G2DError
 from g2d.pipeline import model_files
@@ -30,6 +32,7 @@ class Pretrained:
     tokenizer: object
     config: dict  # the folder's config.yaml
     sha256: str  # of model.safetensors
+    seed: int | None = None  # the pre-training seed (the folder's params.yaml), what pairs runs across models
 
     @property
     def image_size(self) -> int:
@@ -60,4 +63,17 @@ def _from_folder(name: str, source: str, folder: Path) -> Pretrained:
                            "pre-trained encoder; use a model from `g2d pretrain` (models:/g2d-encoder/latest)")
     model, tokenizer, config = model_files.load(folder)
     digest = hashlib.sha256((folder / model_files.WEIGHTS).read_bytes()).hexdigest()
-    return Pretrained(name, source, model, tokenizer, config, digest)
+    return Pretrained(name, source, model, tokenizer, config, digest, _seed(folder))
+
+
+def _seed(folder: Path) -> int | None:
+    """The seed in the params.yaml that `g2d pretrain` writes beside the weights; None for folders without one."""
+    path = folder / "params.yaml"
+    if not path.is_file():
+        return None
+    try:
+        seed = (yaml.safe_load(path.read_text()) or {}).get("seed")
+    except (yaml.YAMLError, AttributeError) as e:
+        raise EncoderError(f"--model {folder}: its params.yaml is not a YAML mapping ({e}); pull or pre-train the "
+                           "model again") from None
+    return int(seed) if isinstance(seed, int) else None

@@ -10,7 +10,10 @@ column that has a `phrase` (MS-CXR) or a `kind`, and a `mask` or a `box`; withou
 `mask` of a row with a positive label. The binarising threshold is chosen on val, then test is scored.
 
 Writes `metrics/grounding/<task>_<model>.json` and the report page `reports/grounding/<task>_<model>.png`
-(N test examples: image, phrase, heat map, truth), and logs both to MLflow (`g2d-ground`).
+(N test examples: image, phrase, heat map, truth), and logs both to MLflow (`g2d-ground`). The metrics keep
+every target's pointing hit under its id (`per_target`), so two encoders, or two pre-training seeds of each,
+can be compared paired by phrase (reports/results.md, reports/study.md). `g2d ground --variant V [--seed S]`
+grounds a study ablation: metrics/ablations/grounding/, reports/grounding/ablations/.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from g2d.data import labelled
 from g2d.data import manifest as mf
 from g2d.errors import DataError
 from g2d.model.pseudo_mask import otsu_body_mask
-from g2d.pipeline import encoders, grounding_metrics, metrics_files, runtime, similarity, zeroshot_tasks
+from g2d.pipeline import ablations, encoders, grounding_metrics, metrics_files, runtime, similarity, zeroshot_tasks
 from g2d.pipeline.figures import grounding_grid
 from g2d.progress import Advance, Reporter, silent
 
@@ -204,18 +207,33 @@ def score(heat: torch.Tensor, truth: torch.Tensor, threshold: float,
     return out
 
 
-def metrics_path(params: Params, task: str, label: str) -> Path:
-    return resolve_path(tracking.project_root(), params.paths.metrics) / "grounding" / f"{task}_{label}.json"
+def metrics_path(params: Params, task: str, label: str, variant: bool = False) -> Path:
+    folder = ablations.grounding_folder(params) if variant else f"{params.paths.metrics.rstrip('/')}/grounding"
+    return resolve_path(tracking.project_root(), folder) / f"{task}_{label}.json"
 
 
-def run(params: Params, model: str, task: str | None = None, reporter: Reporter = silent) -> GroundOutcome:
+def target_ids(targets: Targets) -> list[str]:
+    """'<image id>|<phrase>': what pairs one encoder's hit with another's (merged phrases are unique per image)."""
+    return [f"{targets.image_ids[i]}|{p}" for i, p in zip(targets.image_index, targets.phrases, strict=True)]
+
+
+def run(params: Params, model: str, task: str | None = None, reporter: Reporter = silent,
+        variant: str | None = None, seed: int | None = None) -> GroundOutcome:
+    """Ground `model`'s phrases; with `variant`, the study ablation's encoder (`seed`: its rerun with that seed)
+    instead, written beside the other ablations."""
     cfg = params.zeroshot
     gcfg = cfg.grounding
     source = zeroshot_tasks.get(task or gcfg.task, zeroshot_tasks.GROUNDING, "ground")
     root = tracking.project_root()
     folder = zeroshot_tasks.dataset_folder(source, params, root)
     df = mf.read_manifest(folder)
+    if variant is not None:
+        model = ablations.model_folder(params, ablations.check_name(params, variant), seed)
+        if not resolve_path(root, model).is_dir():
+            again = f"g2d pretrain --variant {variant}" + ("" if seed is None else f" --seed {seed}")
+            raise encoders.EncoderError(f"--variant {variant}: {model} does not exist; pre-train it first ({again})")
     pre = encoders.load(model, params, root)
+    label = pre.label if variant is None else ablations.run_name(params, variant, seed)
     pre.model.to(runtime.device())
 
     if "split" not in df or not (df["split"] == cfg.split).any():
@@ -261,12 +279,16 @@ def run(params: Params, model: str, task: str | None = None, reporter: Reporter 
     info = mf.read_info(folder)
     data_hash = info.get("sha256") or mf.dataset_hash(folder)
     metrics = {"task": source.name, "paper": source.paper, "model": pre.name, "model_source": pre.source,
-               "model_sha256": pre.sha256, "model_dense": pre.config.get("dense"), "split": cfg.split,
+               "model_sha256": pre.sha256, "model_dense": pre.config.get("dense"), "model_seed": pre.seed,
+               "variant": variant, "split": cfg.split,
                "test": result, "threshold": threshold, "threshold_chosen_on": chosen_on,
                "val_dice_by_threshold": {f"{t:g}": d for t, d in by_threshold.items()}, "by_kind": kinds,
-               "dropped": {s: dict(t.dropped) for s, t in splits.items() if t.dropped}, "data_hash": data_hash}
-    out_path = metrics_path(params, source.name, pre.label)
-    page = resolve_path(root, REPORTS) / f"{source.name}_{pre.label}.png"
+               "dropped": {s: dict(t.dropped) for s, t in splits.items() if t.dropped}, "data_hash": data_hash,
+               "per_target": {"id": target_ids(test),
+                              "pointing": [int(v) for v in per_target["pointing"].tolist()],
+                              "pointing_body": [int(v) for v in per_target["pointing_body"].tolist()]}}
+    out_path = metrics_path(params, source.name, label, variant is not None)
+    page = resolve_path(root, REPORTS) / ("ablations" if variant is not None else "") / f"{source.name}_{label}.png"
     picks = _examples(len(test), gcfg.examples)
     title = (f"{source.name}, {pre.name}: pointing {result['pointing']:.2f} (chance {result['pointing_chance']:.2f}), "
              f"Dice {result['dice']:.2f} at {threshold:g}, CNR {result['cnr']:.2f}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from g2d import tracking
 from g2d.config import Params, resolve_path, to_dict
 from g2d.data import tasks
 from g2d.errors import DataError
-from g2d.pipeline import study
+from g2d.pipeline import grounding_compare, study
 from g2d.pipeline.study import DICE_NOTE, INIT_TITLES, METRIC_TITLES
 
 REPORTS = "reports"
@@ -97,8 +98,9 @@ def _plain(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
-def zeroshot_tables(zs: list[dict], gr: list[dict], models: list[str]) -> list[str]:
-    """Table 2: zero-shot classification (a) and grounding (b), one row per encoder plus chance."""
+def zeroshot_tables(zs: list[dict], gr: list[dict], models: list[str], paired: Sequence[str] = ()) -> list[str]:
+    """Table 2: zero-shot classification (a) and grounding (b), one row per encoder plus chance; `paired`:
+    sentences comparing two encoders' grounding phrase by phrase (pipeline/grounding_compare.py)."""
     out = []
     if zs:
         task_names = _order({r["task"] for r in zs}, [])
@@ -142,9 +144,25 @@ def zeroshot_tables(zs: list[dict], gr: list[dict], models: list[str]) -> list[s
             test = next(r["test"] for r in gr if r["task"] == t)
             chance += [_cell(test.get("pointing_chance")), _cell(test.get("pointing_body_chance")), "–", "–", "–"]
         out += ["| Chance | " + " | ".join(chance) + " |", ""]
+        out += [f"- {p}" for p in paired] + ([""] if paired else [])
         out += ["Report pages (examples: image, phrase, heat map, truth): " +
                 ", ".join(f"[{r['task']} {r['model']}](grounding/{Path(r['file']).stem}.png)" for r in gr), ""]
     return out
+
+
+def grounding_pairs(params: Params, folder: Path, models: list[str]) -> list[str]:
+    """G2D against global-only on the grounding task, phrase by phrase (when both were grounded)."""
+    if not {"g2d", "global"} <= set(models):
+        return []
+    runs, _ = grounding_compare.read(folder)
+    runs = [r for r in runs if r.task == params.zeroshot.grounding.task]
+    a, b = [r for r in runs if r.model == "g2d"], [r for r in runs if r.model == "global"]
+    if not (a and b):
+        return []
+    s, names = params.study, ("G2D", "global-only")
+    return [grounding_compare.line(grounding_compare.compare(a, b, names, score, confidence=s.confidence,
+                                                             alpha=s.alpha, n_resamples=s.resamples), names, score)
+            for score in grounding_compare.SCORES]
 
 
 def in_matrix(row: dict, params: Params) -> bool:
@@ -249,7 +267,8 @@ def run(params: Params) -> ReportOutcome:
     zs_in = [r for r in zs if r["model"] in models and r["task"] == params.zeroshot.task]
     gr_in = [r for r in gr if r["model"] in models and r["task"] == params.zeroshot.grounding.task]
     extra = [r for r in zs + gr if r not in zs_in and r not in gr_in]
-    md.write_text(markdown(rows, inits, others + extra, zeroshot_tables(zs_in, gr_in, models)))
+    paired = grounding_pairs(params, metrics / "grounding", models)
+    md.write_text(markdown(rows, inits, others + extra, zeroshot_tables(zs_in, gr_in, models, paired)))
     csvs = curves(rows, inits, out / "curves")
     studied = study.write(params, metrics, out)
     with tracking.start_run("report", config=to_dict(params), uri=params.tracking.uri,

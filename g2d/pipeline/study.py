@@ -20,7 +20,7 @@ import numpy as np
 from g2d.config import REFERENCE, TRANSFER_VARIANT, Params
 from g2d.data import tasks
 from g2d.errors import DataError
-from g2d.pipeline import paper_numbers, study_stats
+from g2d.pipeline import ablations, grounding_compare, paper_numbers, study_stats
 
 METRIC_TITLES = {"dice": "Dice", "map": "mAP", "auc": "AUC", "accuracy": "ACC"}
 INIT_TITLES = {"random": "Random init", "global": "Global only (ConVIRT / CLIP-style)", "g2d": "G2D"}
@@ -358,6 +358,39 @@ def methods(params: Params, study: Study) -> list[str]:
     ]
 
 
+def grounding_lines(params: Params, folder: Path) -> list[str]:
+    """The ablations' zero-shot grounding (`g2d ground --variant`), and the study's grounding_pair compared
+    phrase by phrase over every pre-training seed both have."""
+    runs, _ = grounding_compare.read(folder)
+    runs = [r for r in runs if r.variant is not None and r.task == params.zeroshot.grounding.task]
+    if not runs:
+        return []
+    s = params.study
+    order = [v for v in (REFERENCE, *s.variants) if any(r.variant == v for r in runs)]
+    order = list(dict.fromkeys(order))  # the reference first, then study.variants' order
+    order += sorted({r.variant for r in runs} - set(order))
+    out = [f"## Grounding of the ablations ({params.zeroshot.grounding.task} {params.zeroshot.split}, zero-shot)", "",
+           "Each ablation's encoder grounds the test findings' phrases as in results.md's Table 2b: the pointing "
+           "game x 100 (the heat map's maximum inside the finding; over the image, and with only the body "
+           "competing), the mean over its pre-training seeds; chance in brackets.", "",
+           "| Variant | Pre-training seeds | Pointing | Pointing in body | Dice |", "|---|---|---|---|---|"]
+    for v in order:
+        mine = sorted((r for r in runs if r.variant == v), key=lambda r: -1 if r.seed is None else r.seed)
+        mean = {k: 100 * float(np.mean([r.test[k] for r in mine]))
+                for k in ("pointing", "pointing_chance", "pointing_body", "pointing_body_chance", "dice")}
+        seeds = ", ".join("?" if r.seed is None else str(r.seed) for r in mine)
+        out.append(f"| {v} | {seeds} | {mean['pointing']:.1f} ({mean['pointing_chance']:.1f}) | "
+                   f"{mean['pointing_body']:.1f} ({mean['pointing_body_chance']:.1f}) | {mean['dice']:.1f} |")
+    a, b = ([r for r in runs if r.variant == v] for v in s.grounding_pair)
+    if a and b:
+        out.append("")
+        for score in grounding_compare.SCORES:
+            c = grounding_compare.compare(a, b, s.grounding_pair, score, confidence=s.confidence, alpha=s.alpha,
+                                          n_resamples=s.resamples)
+            out.append(f"- {grounding_compare.line(c, s.grounding_pair, score)}")
+    return out + [""]
+
+
 def data_lines(study: Study) -> list[str]:
     """The exact data behind the tables: dataset and label-fraction hashes per task (a mismatch is flagged)."""
     out = ["## Data", "", "| Task | Labels | Dataset sha256 | Fraction sha256 | Runs |", "|---|---|---|---|---|"]
@@ -477,6 +510,7 @@ def write(params: Params, metrics: Path, out: Path) -> StudyOutcome:
     figures = [f for f in (curves, ablations_figure(checks, figures_dir / "ablations.png")) if f is not None]
     if figures:
         lines += ["## Figures", ""] + [f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in figures] + [""]
+    lines += grounding_lines(params, metrics / ablations.FOLDER / ablations.GROUNDING)
     lines += data_lines(study)
     md = out / "study.md"
     md.write_text("\n".join(lines))

@@ -280,6 +280,31 @@ def compare(a: Sequence | np.ndarray | Mapping, b: Sequence | np.ndarray | Mappi
                       alpha, significant, higher_is_better, better, direction, note)
 
 
+def compare_one_run(a: Sequence | np.ndarray, b: Sequence | np.ndarray, *, names: tuple[str, str] = ("a", "b"),
+                    higher_is_better: bool = True, alpha: float = 0.05, confidence: float = 0.95,
+                    n_resamples: int = 9999, seed: int = 0) -> Comparison:
+    """One trained model of each, scored on the same N items (a - b, item for item): the mean difference
+    with a bootstrap interval over the items only (BCa, as `summarise`), and no test.
+
+    The interval says how sure the difference is for these two models on these items; it knows nothing of
+    the spread between training runs, which `compare` needs two or more seeds to see."""
+    _check_args(confidence, n_resamples)
+    x, y = _aligned(np.asarray(a, dtype=np.float64)[None], np.asarray(b, dtype=np.float64)[None])
+    d = (x - y)[0]
+    if len(d) < 2:
+        raise DataError(f"compare_one_run: {len(d)} paired item(s); an interval over items needs at least 2")
+    diff = float(np.mean(d))
+    ci, ci_method, ci_note = _bootstrap_ci(np.sort(d), confidence, n_resamples, seed)
+    better = None if diff == 0 else names[0] if (diff > 0) == higher_is_better else names[1]
+    worse = names[1] if better == names[0] else names[0]
+    direction = (f"no difference between {names[0]} and {names[1]}" if better is None
+                 else f"{better} better than {worse} on these {len(d)} items; one training run each, untested")
+    note = "; ".join(t for t in ("one training run each: the interval is over items, not over training runs",
+                                 ci_note) if t)
+    return Comparison(tuple(names), diff, 1, len(d), confidence, ci, f"{ci_method} over items", None, None, None,
+                      alpha, False, higher_is_better, better, direction, note)
+
+
 def _num(x: float, digits: int, sign: bool = False) -> str:
     """Fixed-point text without a "-0.000" (a tiny negative rounded to zero prints as zero)."""
     r = round(float(x), digits) + 0.0
