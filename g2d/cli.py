@@ -538,6 +538,31 @@ def models_pull(
     typer.echo(str(folder))
 
 
+@models_app.command("export")
+@handles_errors
+def models_export(
+    ref: Annotated[str, typer.Argument(help="NAME[@ALIAS|/VERSION], a model folder, or g2d / global (finetune.inits)")],
+    fmt: Annotated[str, typer.Option("--format", help="timm or torchvision")],
+    out: Annotated[Path, typer.Option("--out", help="the .safetensors file to write")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Write a model's image encoder under timm's or torchvision's own weight names (safetensors)."""
+    from g2d import tracking
+    from g2d.pipeline import export, model_files
+
+    cfg = _params(params, set_)
+    root = tracking.project_root()
+    with model_files.locate(ref, cfg.finetune.inits, root, cfg.tracking.uri, "export", export.ExportError) as found:
+        if found.path is None:
+            raise export.ExportError(f"export {ref}: a random init has no weights to export")
+        done = export.export(found.path, fmt, out, found.source)
+    typer.echo(f"{done.arch} image encoder of {found.source} ({done.tensors} tensors) -> {done.path}")
+    typer.echo(f"load: {done.load}")
+    if done.note:
+        typer.echo(f"note: {done.note}")
+
+
 @models_app.command("promote")
 @handles_errors
 def models_promote(
