@@ -584,19 +584,27 @@ def _metadataset(
     return _Dataset(source=src, name=name, digest=digest)
 
 
+# The MLflow UI opens an experiment by its kind: without this tag a g2d experiment opens on the GenAI
+# "Overview" (traces) page; with it, on the training runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _experiment_id(client: MlflowClient, uri: str, job: str) -> str:
-    """One experiment per kind of job; artifacts of local stores under <root>/mlartifacts."""
+    """One experiment per kind of job, tagged as model training; artifacts of local stores under
+    <root>/mlartifacts."""
     name = f"{EXPERIMENT_PREFIX}{job}"
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made by an older g2d
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if _is_local_store(uri):
         location = (store_root() / "mlartifacts" / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except Exception as exc:  # another stage created it between our get and create
         if not _already_exists(exc) and "UNIQUE constraint" not in str(exc):
             raise

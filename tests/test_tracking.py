@@ -148,6 +148,21 @@ def test_run_records_provenance_params_and_config(mlflow_uri: str, project_dir: 
     assert yaml.safe_load(local.read_text())["model"] == model
 
 
+def test_experiments_open_on_their_training_runs_in_the_ui(mlflow_uri: str) -> None:
+    """The UI picks an experiment's page by `mlflow.experimentKind`; an experiment made before the tag gets it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    old = client.create_experiment("g2d-train")  # as an older g2d left it: untagged
+    with tracking.start_run("pretrain", config={}):
+        pass
+    with tracking.start_run("train", config={}):
+        pass
+    for name in ("g2d-pretrain", "g2d-train"):
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment_by_name("g2d-train").experiment_id == old
+
+
 def test_run_name_from_stage_or_timestamp(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with tracking.start_run("data", config={}) as plain:
         pass
