@@ -531,11 +531,14 @@ def models_pull(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Download a registered model's files (safetensors weights + model card)."""
+    """Download a registered model: g2d's files (safetensors weights, config.yaml, model card) and, for versions
+    registered as MLflow models, the MLflow model around them (for mlflow.pyfunc.load_model)."""
     from g2d import tracking
 
     folder = tracking.pull_model(ref, out, uri=_tracking_uri(params, set_))
     typer.echo(str(folder))
+    if folder != out / "model" and (out / "model" / "MLmodel").is_file():
+        typer.echo(f"MLflow model (mlflow.pyfunc.load_model): {out / 'model'}")
 
 
 @models_app.command("export")

@@ -22,9 +22,11 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -918,7 +920,8 @@ def register_model_dir(
     *,
     description: str | None = None,
 ) -> int:
-    """Log a folder of plain files as run artifacts and register it as a new model version.
+    """Log a g2d model folder as an MLflow model of the run (pyfunc, from code: g2d/mlflow_model.py; the
+    folder as its artifact) and register it as a new model version, linked to the run and its metrics.
 
     The version carries the run's provenance tags so `list_models` / the UI show which commit
     and data made it. Returns the new version number."""
@@ -931,7 +934,7 @@ def register_model_dir(
         raise RegistryError(f"cannot register model {name!r}: {local_dir} is not a folder with files in it")
     client = run._client
     try:
-        client.log_artifacts(run.run_id, str(local_dir), artifact_path)
+        logged = _log_mlflow_model(run, local_dir, artifact_path)
         try:
             client.create_registered_model(name)
         except Exception as exc:
@@ -940,10 +943,11 @@ def register_model_dir(
         version_tags = {k: v for k, v in run.tags.items() if k.startswith("g2d.")}
         mv = client.create_model_version(
             name,
-            source=f"runs:/{run.run_id}/{artifact_path}",
+            source=logged.model_uri,
             run_id=run.run_id,
             tags=version_tags,
             description=description,
+            model_id=logged.model_id,
         )
         for alias in aliases:
             client.set_registered_model_alias(name, alias, mv.version)
@@ -953,6 +957,100 @@ def register_model_dir(
         raise RegistryError(f"cannot register {local_dir} as model {name!r} in {run.uri}: {exc}") from exc
     run.set_tag(f"g2d.registered.{name}", str(mv.version))
     return int(mv.version)
+
+
+MODEL_FOLDER = "g2d_model"  # the g2d model folder among a registered MLflow model's artifacts
+_EXAMPLE_PROMPTS = ["pleural effusion", "no pleural effusion"]
+
+
+def _log_mlflow_model(run: Run, local_dir: Path, name: str):
+    """The folder as an MLflow pyfunc model of `run` (models from code: no pickle), with a signature, an input
+    example (a small PNG) and g2d's dependencies pinned to the versions installed here."""
+    import mlflow
+    import pandas as pd
+    import yaml
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    config = yaml.safe_load((local_dir / "config.yaml").read_text()) if (local_dir / "config.yaml").is_file() else {}
+    encoder = config.get("kind", "g2d-encoder") == "g2d-encoder"
+    columns = [ColSpec(DataType.binary, "image")] + ([ColSpec(Array(DataType.string), "prompts")] if encoder else [])
+    example = pd.DataFrame({"image": [_example_png()], **({"prompts": [_EXAMPLE_PROMPTS]} if encoder else {})})
+    with tempfile.TemporaryDirectory(prefix="g2d-log-") as tmp, _global_uri(run.uri), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLflow's notes on pip / uv environments, not ours to act on
+        staged = Path(tmp) / MODEL_FOLDER  # MLflow keeps a folder artifact under its own name: make it ours
+        shutil.copytree(local_dir, staged, copy_function=_link_or_copy)
+        # in the run's experiment (Model.log alone would file it under the fluent API's current experiment)
+        params = run._client.get_run(run.run_id).data.params
+        model = run._client.create_logged_model(run.experiment_id, name=name, source_run_id=run.run_id,
+                                                params=params, model_type="g2d")
+        return Model.log(None, name=name, flavor=mlflow.pyfunc, run_id=run.run_id, model_id=model.model_id,
+                         python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                         artifacts={MODEL_FOLDER: str(staged)}, signature=ModelSignature(inputs=Schema(columns)),
+                         input_example=example, pip_requirements=pinned_requirements())
+
+
+@contextlib.contextmanager
+def _global_uri(uri: str) -> Iterator[None]:
+    """MLflow logs a model through its process-global tracking URI, which `set_tracking_uri` also writes to
+    the MLFLOW_TRACKING_URI variable (and None unsets it): set it for the call, then put both back."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _example_png() -> bytes:
+    """A 64 x 64 grey gradient as PNG bytes: the input example every registered model is checked with."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    ramp = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8) * 2
+    Image.fromarray(ramp).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pinned_requirements() -> list[str]:
+    """g2d's dependencies at the versions installed here (g2d itself is installed from its repository)."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    out = []
+    for spec in requires("g2d") or []:
+        if "extra ==" in spec:
+            continue
+        name = re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0]
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(spec.split(";")[0].strip())
+    return out
+
+
+def model_folder(downloaded: Path) -> Path:
+    """Where a downloaded version's g2d files are: the MLflow model's artifact (registered by this g2d) or
+    the folder itself (versions registered before g2d logged MLflow models)."""
+    for candidate in (downloaded / "artifacts" / MODEL_FOLDER, downloaded / MODEL_FOLDER, downloaded):
+        if (candidate / "model.safetensors").is_file():
+            return candidate
+    return downloaded
 
 
 def list_models(*, uri: str | None = None) -> list[dict[str, Any]]:
@@ -991,7 +1089,7 @@ def pull_model(ref: str, out: Path, *, uri: str | None = None) -> Path:
     info = resolve_model(ref, uri=uri)
     store = tracking_uri(uri)
     client = _client(store)
-    return _download(client, store, info, "", Path(out))
+    return model_folder(_download(client, store, info, "", Path(out)))
 
 
 def _download(client: MlflowClient, store: str, info: ModelVersionInfo, name: str, out: Path) -> Path:
@@ -1001,8 +1099,13 @@ def _download(client: MlflowClient, store: str, info: ModelVersionInfo, name: st
     try:
         source = client.get_model_version_download_uri(info.name, str(info.version))
         out.mkdir(parents=True, exist_ok=True)
+        if name and info.source.startswith("models:/"):  # an MLflow model: g2d's files are one of its artifacts
+            name = f"artifacts/{MODEL_FOLDER}/{name}"
         uri = f"{source.rstrip('/')}/{name}" if name else source
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(out), tracking_uri=store))
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(out), tracking_uri=store))
+        if not name and info.source.startswith("models:/") and got.name == "artifacts":
+            got = got.rename(out / "model")  # the MLflow model, as `out/model` like the versions before it
+        return got
     except Exception as exc:
         what = f"{name} of model" if name else "model"
         raise RegistryError(f"cannot download {what} {info.name!r} version {info.version} ({info.source}) from "

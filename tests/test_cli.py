@@ -66,9 +66,12 @@ def test_models_list_promote_pull_round_trip(registered, tmp_path):
         out = tmp_path / ref.replace("/", "_")
         result = runner.invoke(app, ["models", "pull", ref, "--out", str(out)])
         assert result.exit_code == 0, result.output
-        assert result.output.strip().endswith(str(out / "model"))
-        _assert_same_tensors(out / "model", registered)
-        assert json.loads((out / "model" / "model_card.json").read_text())["seed"] == 1
+        # g2d's files inside the MLflow model, which `mlflow.pyfunc.load_model` takes whole
+        files = out / "model" / "artifacts" / "g2d_model"
+        assert result.output.strip().endswith(f"{files}\nMLflow model (mlflow.pyfunc.load_model): {out / 'model'}")
+        assert (out / "model" / "MLmodel").is_file()
+        _assert_same_tensors(files, registered)
+        assert json.loads((files / "model_card.json").read_text())["seed"] == 1
 
 
 def test_missing_alias_is_one_line(registered, tmp_path):

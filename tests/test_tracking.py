@@ -460,7 +460,10 @@ def test_live_server_run_register_pull(
     assert got.data.params["model.dim"] == "8" and got.data.metrics["loss"] == 0.5
     assert got.data.tags["g2d.data_hash"] == "abc"
     assert got.info.artifact_uri.startswith("mlflow-artifacts:")  # the server chose, not us
-    assert {f.path for f in client.list_artifacts(run.run_id)} >= {"config.yaml", "note.txt", "model"}
+    assert {f.path for f in client.list_artifacts(run.run_id)} >= {"config.yaml", "note.txt"}
+    # the model is an MLflow model of the run (the UI's "Models" column), and the version points at it
+    [output] = client.get_run(run.run_id).outputs.model_outputs
+    assert client.get_model_version("enc-live", str(version)).source == f"models:/{output.model_id}"
     assert not (project_dir / "mlartifacts").exists()
 
     folder = tracking.pull_model("enc-live@champion", tmp_path / "pulled")

@@ -49,10 +49,10 @@ def load(spec: str, params: Params, root: Path) -> Pretrained:
         if found.path is None:
             raise EncoderError(f"--model {spec}: a random network has no trained text tower to compare with; give "
                                "a pre-trained encoder (g2d, global, a model folder or models:/g2d-encoder/latest)")
-        return _from_folder(found.name, found.source, found.path)
+        return from_folder(found.name, found.source, found.path)
 
 
-def _from_folder(name: str, source: str, folder: Path) -> Pretrained:
+def from_folder(name: str, source: str, folder: Path) -> Pretrained:
     if not folder.is_dir():
         raise EncoderError(f"--model {folder}: expected a model folder (model.safetensors + config.yaml) from "
                            "`g2d pretrain` or `g2d models pull`")
