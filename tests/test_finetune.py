@@ -175,6 +175,42 @@ def test_bf16_cells_score_in_fp32_and_evaluate_agrees(project, task):
     assert math.isfinite(out.metrics["val_loss"]) and 0 <= out.metrics["score"] <= 1
     again = finetune.evaluate(p, task, f"models:/{out.registered}/{out.version}")
     assert again["test"][out.metrics["metric"]] == pytest.approx(out.metrics["score"], abs=1e-6)
+    _answers_through_mlflow(project, out, task)
+
+
+def _answers_through_mlflow(project: Path, out, task: str) -> None:
+    """The registered version is an MLflow model: given an image's bytes it answers with what the fine-tuned
+    network predicts for that image (here at the model's own size, so nothing is resized)."""
+    import io
+
+    import mlflow
+    import numpy as np
+
+    from g2d.pipeline.similarity import to_model_input
+
+    model = mlflow.pyfunc.load_model(f"models:/{out.registered}/{out.version}")
+    net, config = finetune.load_model(tracking.pull_model(f"{out.registered}/{out.version}", project / "pulled-x"))
+    size = int(config["image_size"])
+    image = (np.random.default_rng(0).random((size, size)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    [answer] = model.predict(pd.DataFrame({"image": [buf.getvalue()]}))
+    x = to_model_input(image / 255.0, size)
+    with torch.no_grad():
+        if task == "siim-seg":
+            prob = torch.sigmoid(net(x))[0, 0].numpy()
+            assert np.allclose(answer["probability"], prob, atol=1e-5)
+            assert np.array_equal(answer["mask"], prob > config["threshold"])
+        elif task == "chexpert-cls":
+            assert answer["classes"] == list(tasks.CHEXPERT_5)
+            assert np.allclose(answer["probabilities"], torch.sigmoid(net(x))[0].numpy(), atol=1e-6)
+        else:
+            [found] = net.decode(net.encode(x))
+            keep = found["labels"] > 0
+            assert np.allclose(np.reshape(answer["boxes"], (-1, 4)), found["boxes"][keep].numpy(), atol=0.01)
+            assert np.allclose(answer["scores"], found["scores"][keep].numpy(), atol=1e-6)
+            assert answer["labels"] == ["opacity"] * int(keep.sum())
+    shutil.rmtree(project / "pulled-x")
 
 
 def test_linear_probe_and_random_init(project):
