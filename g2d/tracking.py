@@ -934,21 +934,10 @@ def register_model_dir(
         raise RegistryError(f"cannot register model {name!r}: {local_dir} is not a folder with files in it")
     client = run._client
     try:
-        logged = _log_mlflow_model(run, local_dir, artifact_path)
-        try:
-            client.create_registered_model(name)
-        except Exception as exc:
-            if not _already_exists(exc):
-                raise
-        version_tags = {k: v for k, v in run.tags.items() if k.startswith("g2d.")}
-        mv = client.create_model_version(
-            name,
-            source=logged.model_uri,
-            run_id=run.run_id,
-            tags=version_tags,
-            description=description,
-            model_id=logged.model_id,
-        )
+        # MLflow logs the model, and the registry looks the logged model up, through its process-global URI
+        with _global_uri(run.uri):
+            logged = _log_mlflow_model(run, local_dir, artifact_path)
+            mv = _new_version(client, run, name, logged, description)
         for alias in aliases:
             client.set_registered_model_alias(name, alias, mv.version)
     except RegistryError:
@@ -957,6 +946,17 @@ def register_model_dir(
         raise RegistryError(f"cannot register {local_dir} as model {name!r} in {run.uri}: {exc}") from exc
     run.set_tag(f"g2d.registered.{name}", str(mv.version))
     return int(mv.version)
+
+
+def _new_version(client: MlflowClient, run: Run, name: str, logged, description: str | None):
+    try:
+        client.create_registered_model(name)
+    except Exception as exc:
+        if not _already_exists(exc):
+            raise
+    version_tags = {k: v for k, v in run.tags.items() if k.startswith("g2d.")}
+    return client.create_model_version(name, source=logged.model_uri, run_id=run.run_id, tags=version_tags,
+                                       description=description, model_id=logged.model_id)
 
 
 MODEL_FOLDER = "g2d_model"  # the g2d model folder among a registered MLflow model's artifacts
@@ -977,7 +977,7 @@ def _log_mlflow_model(run: Run, local_dir: Path, name: str):
     encoder = config.get("kind", "g2d-encoder") == "g2d-encoder"
     columns = [ColSpec(DataType.binary, "image")] + ([ColSpec(Array(DataType.string), "prompts")] if encoder else [])
     example = pd.DataFrame({"image": [_example_png()], **({"prompts": [_EXAMPLE_PROMPTS]} if encoder else {})})
-    with tempfile.TemporaryDirectory(prefix="g2d-log-") as tmp, _global_uri(run.uri), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="g2d-log-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLflow's notes on pip / uv environments, not ours to act on
         staged = Path(tmp) / MODEL_FOLDER  # MLflow keeps a folder artifact under its own name: make it ours
         shutil.copytree(local_dir, staged, copy_function=_link_or_copy)
