@@ -575,9 +575,6 @@ class Params(Strict):
         if off:
             raise ValueError(f"study.transfer_tasks {off} are not in matrix.tasks {list(self.matrix.tasks)}: the "
                              "encoder + decoder row is compared with the matrix's encoder-only runs; add them there")
-        if self.seed in self.study.grounding_seeds:
-            raise ValueError(f"study.grounding_seeds {list(self.study.grounding_seeds)} holds `seed` = {self.seed}, "
-                             "the seed every ablation is already pre-trained with; list only the other seeds")
         untrained = [i for i in self.matrix.encoders if self.finetune.inits[i] == "random"]
         if untrained:
             raise ValueError(f"matrix.encoders {untrained} name a random init: zero-shot needs a pre-trained encoder")

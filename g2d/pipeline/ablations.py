@@ -15,8 +15,8 @@ GROUNDING = "grounding"  # metrics/ablations/grounding/<task>_<run>.json: `g2d g
 
 
 def run_name(params: Params, name: str, seed: int | None = None) -> str:
-    """NAME for the variant at the params' seed, NAME-seedS for another one."""
-    return name if seed is None or seed == params.seed else f"{name}-seed{seed}"
+    """NAME for the variant (pre-trained with the params' seed), NAME-seedS for its rerun with seed S."""
+    return name if seed is None else f"{name}-seed{seed}"
 
 
 def check_name(params: Params, name: str) -> str:
