@@ -105,3 +105,16 @@ def test_study_lists_each_ablations_grounding_and_compares_the_pair(tmp_path):
     assert text.index("| g2d |") < text.index("| dense-none |") < text.index("| heads-1 |")  # reference first
     assert "- g2d - dense-none, pointing game x 100: +" in text and "3 pre-training seeds x 40 phrases" in text
     assert study.grounding_lines(params, tmp_path / "none") == []
+
+
+def test_results_compare_g2d_and_global_only_phrase_by_phrase(tmp_path):
+    from g2d.pipeline import report
+
+    params = _params(resamples=199)
+    write_grounding(tmp_path, "g2d", [1] * 30 + [0] * 10, variant=None, seed=42, model="g2d")
+    write_grounding(tmp_path, "global", [1] * 10 + [0] * 30, variant=None, seed=42, model="global")
+    lines = report.grounding_pairs(params, tmp_path, ["global", "g2d"])
+    assert lines[0].startswith("G2D - global-only, pointing game x 100: +50.0 [")
+    assert "paired over 40 phrases, one pre-training seed each" in lines[0]
+    assert lines[1].startswith("G2D - global-only, pointing game within the body x 100: +50.0 [")
+    assert report.grounding_pairs(params, tmp_path, ["g2d"]) == []  # one encoder: nothing to pair
