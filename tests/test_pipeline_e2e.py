@@ -99,7 +99,8 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
         assert runs[stage].info.status == "FINISHED" and version.run_id == runs[stage].info.run_id
     assert runs["pretrain-global"].data.params["pretrain.dense"] == "none"
     pulled = sh("g2d", "models", "pull", "g2d-encoder/latest", "--out", str(repo / "pulled"), cwd=repo, env=env)
-    assert (repo / "pulled" / "model" / "model.safetensors").is_file(), pulled
+    assert (repo / "pulled" / "model" / "MLmodel").is_file(), pulled  # an MLflow model, g2d's files inside
+    assert (repo / "pulled" / "model" / "artifacts" / "g2d_model" / "model.safetensors").is_file(), pulled
 
     # finetune: the tiny matrix (2 tasks x 1 fraction x 3 inits x 1 seed), each cell a metrics file and a version
     cells = sorted(p.name for p in (repo / "metrics" / "finetune").rglob("*.json"))
