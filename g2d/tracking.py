@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,7 @@ __all__ = [
     "project_root",
     "promote",
     "pull_model",
+    "redacted",
     "register_model_dir",
     "resolve_model",
     "sqlite_path",
@@ -167,12 +169,44 @@ def check_reachable(uri: str) -> None:
                 f"cannot reach the MLflow tracking server at {uri} ({reason}); {SERVER_HINT}"
             ) from exc
         return
+    address = _database_address(uri)
+    if address is not None:
+        try:
+            socket.create_connection(address, timeout=_PROBE_TIMEOUT_S).close()
+        except OSError as exc:
+            raise TrackingError(
+                f"cannot reach the database of MLflow tracking URI {redacted(uri)} at {address[0]}:{address[1]} "
+                f"({exc}); is the database server running and the URI's host and port right?"
+            ) from exc
+        return
     path = sqlite_path(uri)
     if path is not None and not path.parent.is_dir():
         raise TrackingError(
             f"MLflow tracking URI {uri}: folder {path.parent} does not exist; create it, fix the URI, "
             "or unset MLFLOW_TRACKING_URI to use <project root>/mlflow.db"
         )
+
+
+# default ports of the database servers MLflow's SQLAlchemy store speaks to (dialect[+driver]://)
+_DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def _database_address(uri: str) -> tuple[str, int] | None:
+    """host and port of a database-server store; None for other stores and for Unix-socket URIs."""
+    parsed = urllib.parse.urlparse(uri)
+    default = _DATABASE_PORTS.get(parsed.scheme.split("+", 1)[0])
+    if default is None or not parsed.hostname:
+        return None
+    return parsed.hostname, parsed.port or default
+
+
+def redacted(uri: str) -> str:
+    """The URI without its password, for messages."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.password is None:
+        return uri
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return urllib.parse.urlunparse(parsed._replace(netloc=netloc))
 
 
 def _client(uri: str) -> MlflowClient:
@@ -189,8 +223,9 @@ def _client(uri: str) -> MlflowClient:
         with _store_creation_lock(uri):  # MlflowClient creates and migrates the store's tables
             client = _retry_locked(lambda: MlflowClient(tracking_uri=uri, registry_uri=registry), uri, "open")
     except MlflowException as exc:
-        raise TrackingError(f"MLflow cannot use the tracking URI {uri} ({exc.message}); use a sqlite:/// or "
-                            "http(s):// URI, or unset MLFLOW_TRACKING_URI") from None
+        raise TrackingError(f"MLflow cannot use the tracking URI {redacted(uri)} ({exc.message}); use an "
+                            "http(s):// server, a database URI (sqlite:///, postgresql://) MLflow can open, or unset "
+                            "MLFLOW_TRACKING_URI") from None
     return _RetryingClient(client, uri)  # type: ignore[return-value]  # an MlflowClient in all but name
 
 
@@ -455,11 +490,12 @@ class Run:
         for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, model_id: str | None = None) -> None:
+        """``model_id``: also the metrics of that logged model of the run (see `register_model_dir`)."""
         from mlflow.entities import Metric
 
         now = int(datetime.now(UTC).timestamp() * 1000)
-        items = [Metric(_param_key(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
+        items = [Metric(_param_key(k), float(v), now, int(step or 0), model_id=model_id) for k, v in metrics.items()]
         for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
 
@@ -702,7 +738,7 @@ def start_run(
     except TrackingError:
         raise
     except Exception as exc:
-        raise TrackingError(f"cannot start an MLflow run for job {job!r} in {store}: {exc}") from exc
+        raise TrackingError(f"cannot start an MLflow run for job {job!r} in {redacted(store)}: {exc}") from exc
 
     run = Run(info.run_id, f"{EXPERIMENT_PREFIX}{job}", exp_id, store, dict(run_tags), client)
     monitor = None
@@ -856,10 +892,10 @@ def _registered_model(client: MlflowClient, name: str, uri: str) -> Any:
         return client.get_registered_model(name)
     except Exception as exc:
         if not _not_found(exc):
-            raise TrackingError(f"cannot read registered model {name!r} from {uri}: {exc}") from exc
+            raise TrackingError(f"cannot read registered model {name!r} from {redacted(uri)}: {exc}") from exc
         names = sorted(m.name for m in _all_registered(client))
         known = ", ".join(names) if names else "none yet (train and register a model first)"
-        raise RegistryError(f"no registered model {name!r} in {uri}; registered models: {known}") from exc
+        raise RegistryError(f"no registered model {name!r} in {redacted(uri)}; registered models: {known}") from exc
 
 
 def _all_registered(client: MlflowClient) -> list[Any]:
@@ -919,9 +955,13 @@ def register_model_dir(
     aliases: Iterable[str] = (),
     *,
     description: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+    step: int = 0,
 ) -> int:
     """Log a g2d model folder as an MLflow model of the run (pyfunc, from code: g2d/mlflow_model.py; the
-    folder as its artifact) and register it as a new model version, linked to the run and its metrics.
+    folder as its artifact) and register it as a new model version, linked to the run. ``metrics`` (the
+    model's headline scores, at ``step``) are logged to the run linked to the model, so the model's and the
+    version's pages show them too; log them here rather than before, or the run holds them twice.
 
     The version carries the run's provenance tags so `list_models` / the UI show which commit
     and data made it. Returns the new version number."""
@@ -938,6 +978,8 @@ def register_model_dir(
         with _global_uri(run.uri):
             logged = _log_mlflow_model(run, local_dir, artifact_path)
             mv = _new_version(client, run, name, logged, description)
+        if metrics:
+            run.log_metrics(metrics, step=step, model_id=logged.model_id)
         for alias in aliases:
             client.set_registered_model_alias(name, alias, mv.version)
     except RegistryError:
@@ -1109,7 +1151,7 @@ def _download(client: MlflowClient, store: str, info: ModelVersionInfo, name: st
     except Exception as exc:
         what = f"{name} of model" if name else "model"
         raise RegistryError(f"cannot download {what} {info.name!r} version {info.version} ({info.source}) from "
-                            f"{store} into {out}: {exc}") from exc
+                            f"{redacted(store)} into {out}: {exc}") from exc
 
 
 def promote(name: str, version: int, alias: str, *, uri: str | None = None) -> None:
@@ -1168,7 +1210,7 @@ def find_runs(job: str, tags: Mapping[str, str], *, uri: str | None = None) -> l
             page = client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses), max_results=1000,
                                       page_token=token)
         except Exception as exc:
-            raise TrackingError(f"cannot search the {EXPERIMENT_PREFIX}{job} runs of {store}: {exc}") from exc
+            raise TrackingError(f"cannot search the {EXPERIMENT_PREFIX}{job} runs of {redacted(store)}: {exc}") from exc
         runs.extend(page)
         token = getattr(page, "token", None)
         if not token:

@@ -265,9 +265,16 @@ def test_segmentation_on_an_imported_siim_records_its_protocol(project, tmp_path
     p = params(project, f"finetune.datasets={{\"siim-seg\": \"{tmp_path / 'siim'}\"}}")
     out = finetune.run(p, task="siim-seg", frac=1.0, init="g2d")
     assert out.metrics["metric"] == "dice" and 0 <= out.metrics["score"] <= 1
-    tags = MlflowClient().get_run(out.run_id).data.tags
+    run = MlflowClient().get_run(out.run_id)
+    tags = run.data.tags
     assert tags["g2d.protocol"] == "siim-patient.v1" and tags["g2d.protocol_sha256"] == imported.protocol.sha256
     assert tags["g2d.data_hash"] == imported.sha256
+    # the headline under one name for every task (the compare view), and the registered model's own metrics
+    assert tags["g2d.metric"] == "dice" and run.data.metrics["test/score"] == run.data.metrics["test/dice"]
+    [output] = run.outputs.model_outputs
+    linked = {m.key: m.value for m in MlflowClient().get_logged_model(output.model_id).metrics}
+    assert linked["test/score"] == pytest.approx(out.metrics["score"]) and "val_best" in linked
+    assert len(MlflowClient().get_metric_history(out.run_id, "test/score")) == 1
 
 
 # ---------------------------------------------------------------- bad inputs: one line, exit 1, nothing left

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from PIL import Image
 
 import g2d
 from g2d import serving
+from tests.conftest import free_port
 from tests.layouts import write_dicom
 from tests.test_zeroshot import _gradient
 
@@ -92,12 +92,6 @@ def test_a_request_without_prompts_names_the_columns(project):
         serving.predict(served, pd.DataFrame({"image": [_png(_gradient())]}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -120,7 +114,7 @@ def test_mlflow_models_serve_answers_like_g2d_and_keeps_serving(project, tmp_pat
     """The real server process: a PNG and a DICOM answered with g2d.predict's numbers; each bad request a 400
     with one line; the server still answers after them."""
     img = _gradient()
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/g2d-encoder/1",
                                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],

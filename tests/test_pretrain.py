@@ -62,6 +62,9 @@ def test_pretrain_trains_tracks_and_registers(project):
     assert {"loss/total", "loss/global", "loss/dense", "lr", "pairs_per_s", "val/i2t_R_1",
             "val/pseudo_mask/coverage", "val/pseudo_mask/pointing_chance"} <= set(run.data.metrics)
     assert run.data.tags["g2d.data_hash"] == m["data_hash"] and run.data.tags["g2d.split_hash"] == m["split_hash"]
+    [output] = run.outputs.model_outputs  # the registered model shows the final retrieval on its own page
+    linked = tracking._client(tracking.tracking_uri()).get_logged_model(output.model_id).metrics
+    assert {x.key: x.value for x in linked}["val/i2t_R_1"] == pytest.approx(m["retrieval"]["i2t_R@1"])
     figures = [a.path for a in tracking._client(tracking.tracking_uri()).list_artifacts(outcome.run_id, "figures")]
     assert any(f.endswith(".png") for f in figures)
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,18 +16,13 @@ import yaml
 
 from g2d import tracking
 from g2d.errors import RegistryError, TrackingError
+from tests.conftest import free_port, mlflow_server
 
 
 def _client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _save_tiny_model(folder: Path, seed: int) -> dict:
@@ -386,7 +377,7 @@ def test_model_ref_uri_round_trips() -> None:
 
 
 def test_unreachable_server_fails_fast(project_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.monotonic()
     with pytest.raises(TrackingError, match=rf"{uri}.*is the server running\? start it with `mlflow server"):
@@ -400,44 +391,10 @@ def test_unreachable_server_fails_fast(project_dir: Path, monkeypatch: pytest.Mo
 @pytest.fixture
 def live_server(tmp_path: Path, mlflow_template_db: Path):
     """A real `mlflow server` on a free port (its store copied from the migrated template)."""
-    port = _free_port()
     db = tmp_path / "server.db"
     shutil.copyfile(mlflow_template_db, db)
-    log = (tmp_path / "server.log").open("wb")
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1", "--backend-store-uri", f"sqlite:///{db.as_posix()}",
-        "--artifacts-destination", str(tmp_path / "server-artifacts"),
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (tmp_path / "server.log").read_text()[-3000:]
-                pytest.fail(f"mlflow server did not come up:\n{tail}")
-            time.sleep(0.25)
+    with mlflow_server(f"sqlite:///{db.as_posix()}", tmp_path) as uri:
         yield uri
-    finally:
-        # the server runs uvicorn (and helpers) as children: end the whole session we started
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.mark.slow

@@ -186,7 +186,7 @@ def _cell(params: Params, ctx, spec, family, start, cell: _Cell, data, views, ca
 
     run_info = {"task": spec.name, "kind": spec.kind, "frac": frac, "init": start.name, "seed": seed,
                 "variant": variant, "dataset": str(folder), "train_images": len(rows)}
-    tags = {"g2d.task": spec.name, "g2d.frac": frac_label(frac), "g2d.init": start.name,
+    tags = {"g2d.task": spec.name, "g2d.metric": spec.metric, "g2d.frac": frac_label(frac), "g2d.init": start.name,
             "g2d.init_source": start.source, "g2d.init_sha256": start.sha256, "g2d.seed": str(seed),
             "g2d.fraction_sha256": chosen.sha256, "g2d.fraction_source": chosen.source,
             "g2d.train_sha256": cell.train.sha256, "g2d.world_size": str(ctx.world), "g2d.precision": setup.precision,
@@ -237,10 +237,12 @@ def _cell(params: Params, ctx, spec, family, start, cell: _Cell, data, views, ca
         }
         if per_image:  # the study pairs two inits image by image (g2d/pipeline/study_stats.py)
             metrics["per_image"] = {"ids": list(data["test"].ids), **per_image}
-        logged = {**{f"test/{k}": v for k, v in test.items()}, "best_epoch": result.best_epoch,
-                  "val_best": result.best_score}
-        tr.log_metrics({k: v for k, v in logged.items() if isinstance(v, int | float) and math.isfinite(v)},
-                       step=result.epochs)  # a NaN score (no positive val image) is in the metrics file, not here
+        # test/score: the task's headline metric under one name for every task, so MLflow's compare view lines
+        # up a Dice, a mAP and an AUC (which one: the g2d.metric tag); logged with the model (below)
+        logged = {**{f"test/{k}": v for k, v in test.items()}, "test/score": test.get(spec.metric),
+                  "best_epoch": result.best_epoch, "val_best": result.best_score}
+        logged = {k: v for k, v in logged.items() if isinstance(v, int | float) and math.isfinite(v)}
+        # (a NaN score, no positive val image, is in the metrics file, not in MLflow)
         metrics_files.write(out_path, metrics)
         tr.log_artifact(out_path)
         name = registered_name(spec.name, variant)
@@ -253,7 +255,8 @@ def _cell(params: Params, ctx, spec, family, start, cell: _Cell, data, views, ca
             card = _card(name, config, metrics, tr.run_id)
             model_dir = model_files.save_folder(net, Path(tmp) / "model", {**config, "metrics": test}, card)
             version = tracking.register_model_dir(tr, model_dir, name,
-                                                  description=f"{spec.paper}; init {start.name}, {frac:.0%} labels")
+                                                  description=f"{spec.paper}; init {start.name}, {frac:.0%} labels",
+                                                  metrics=logged, step=result.epochs)
         outcome = FinetuneOutcome(metrics, out_path, tr.run_id, name, version)
     distributed.barrier(ctx)
     return outcome
@@ -358,13 +361,13 @@ def evaluate(params: Params, task: str | None, model: str, reporter: Reporter = 
     info = mf.read_info(folder)
     data_hash = info.get("sha256") or mf.dataset_hash(folder)
     precision = runtime.precision(params.compute.precision, dev)
-    tags = {"g2d.task": spec.name, "g2d.model": source, "g2d.precision": precision,
+    tags = {"g2d.task": spec.name, "g2d.metric": spec.metric, "g2d.model": source, "g2d.precision": precision,
             **mf.protocol_tags(info.get("protocol"))}
     with tracking.start_run("evaluate", config={"task": spec.name, "model": source, "model_config": config},
                             data_hash=data_hash, tags=tags, uri=params.tracking.uri) as tr:
         with runtime.autocast(dev, precision):
             scores = {k: v for k, v in FAMILIES[spec.kind].evaluate(net, test, spec, config).items()
                       if not k.startswith("per_image_")}
-        tr.log_metrics({f"test/{k}": v for k, v in scores.items()
-                        if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))})
+        logged = {**{f"test/{k}": v for k, v in scores.items()}, "test/score": scores.get(spec.metric)}
+        tr.log_metrics({k: v for k, v in logged.items() if isinstance(v, int | float) and math.isfinite(v)})
     return {"task": spec.name, "model": source, "metric": spec.metric, "test": scores, "run_id": tr.run_id}

@@ -46,7 +46,8 @@ def locate(spec: str, inits: dict[str, str], root: Path, uri: str | None, flag: 
     path = resolve_path(root, spec)
     if path.exists():
         inside = path.resolve().is_relative_to(root.resolve())  # recorded relative: the same in every clone
-        yield Located(name, path.resolve().relative_to(root.resolve()).as_posix() if inside else str(path), path)
+        found = tracking.model_folder(path) if path.is_dir() else path  # a pulled MLflow model: g2d's files in it
+        yield Located(name, path.resolve().relative_to(root.resolve()).as_posix() if inside else str(path), found)
         return
     if spec != name:
         raise error(f"{flag} {name}: {path} (finetune.inits.{name}) does not exist; train it first "

@@ -55,7 +55,7 @@ def check(params: Params, datasets: Sequence[Path], outputs: Sequence[Path], rep
         if store is not None and not os.access(store if store.exists() else store.parent, os.W_OK):
             raise TrackingError(f"MLflow store {store} is not writable; fix its permissions or set "
                                 "MLFLOW_TRACKING_URI to a store you can write")
-        lines.append(f"tracking: {uri} reachable")
+        lines.append(f"tracking: {tracking.redacted(uri)} reachable")
     advance(1)
     written = [*outputs, *([store.parent, tracking.store_root() / "mlartifacts"] if tracked and store else [])]
     lines.append(f"disk: {_free_disk(written, p.min_free_gb)}")

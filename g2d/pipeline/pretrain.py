@@ -338,7 +338,6 @@ def _finish(params: Params, model, val: PairDataset, collate, eval_loader, quali
         "pseudo_mask_by_epoch": history["pseudo_mask"],  # overall, at the end of every epoch
         "data_hash": info.get("sha256"), "split_hash": split_hash,
     }
-    tr.log_metrics({f"val/{k}": v for k, v in retrieval.items()}, step=step)
     if history["pseudo_mask"]:
         curve = figures.pseudo_mask_curve(history["pseudo_mask"], f"{p.name} ({p.dense}): pseudo masks on val findings",
                                           out.parent / f"{p.name}-figures" / "pseudo_mask_by_epoch.png")
@@ -352,7 +351,8 @@ def _finish(params: Params, model, val: PairDataset, collate, eval_loader, quali
                                                              "dense": p.dense, "data_hash": info.get("sha256"),
                                                              "split_hash": split_hash})
     dump_yaml(params, out / "params.yaml", ("seed", "model", "pretrain"))
-    version = tracking.register_model_dir(tr, out, p.register_as)
+    version = tracking.register_model_dir(tr, out, p.register_as, step=step,
+                                          metrics={f"val/{k}": v for k, v in retrieval.items()})
     return PretrainOutcome(out, metrics, tr.run_id, version)
 
 
