@@ -10,8 +10,10 @@ process-global "active run": two stores can be used in one process (tests, serve
 leaks between runs, and a SIGTERM from DVC or a scheduler can mark exactly this run KILLED.
 
 Registered models use aliases only (MLflow reserves ``latest``; ``NAME/latest`` means the
-newest version). A model is a folder of plain artifacts (``model.safetensors`` +
-``model_card.json``) registered from ``runs:/<run>/<path>``: no pickles, no MLflow flavors.
+newest version). A model is g2d's folder of plain files (``model.safetensors``, ``config.yaml``, model
+card) logged as an MLflow pyfunc model "from code" (``g2d/mlflow_model.py``) with the folder as its
+artifact: loading it unpickles nothing. Versions registered before that are the plain folder alone;
+every reader takes both.
 """
 
 from __future__ import annotations
@@ -405,11 +407,11 @@ def _user() -> str:
 
 
 def _run_name(job: str) -> str:
-    """DVC's names first, so a run is found from `dvc exp show` and vice versa."""
-    for var in ("DVC_EXP_NAME", "DVC_STAGE"):
-        value = os.environ.get(var, "").strip()
-        if value:
-            return value
+    """DVC's names first, so a run is found from `dvc exp show` and vice versa: EXP/STAGE inside an experiment
+    (its dozens of runs would otherwise share one name in the runs table), else the stage."""
+    names = [os.environ.get(var, "").strip() for var in ("DVC_EXP_NAME", "DVC_STAGE")]
+    if any(names):
+        return "/".join(n for n in names if n)
     return f"{job}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
 
 
@@ -951,7 +953,6 @@ def register_model_dir(
     run: Run,
     local_dir: Path,
     name: str,
-    artifact_path: str = "model",
     aliases: Iterable[str] = (),
     *,
     description: str | None = None,
@@ -959,9 +960,10 @@ def register_model_dir(
     step: int = 0,
 ) -> int:
     """Log a g2d model folder as an MLflow model of the run (pyfunc, from code: g2d/mlflow_model.py; the
-    folder as its artifact) and register it as a new model version, linked to the run. ``metrics`` (the
-    model's headline scores, at ``step``) are logged to the run linked to the model, so the model's and the
-    version's pages show them too; log them here rather than before, or the run holds them twice.
+    folder as its artifact, named after the registered model) and register it as a new model version, linked
+    to the run as its output at ``step`` (the run's last step: its metrics there become the model's too).
+    ``metrics`` (the model's headline scores) are logged to the run at ``step`` linked to the model; log them
+    here rather than before, or the run holds them twice.
 
     The version carries the run's provenance tags so `list_models` / the UI show which commit
     and data made it. Returns the new version number."""
@@ -976,7 +978,7 @@ def register_model_dir(
     try:
         # MLflow logs the model, and the registry looks the logged model up, through its process-global URI
         with _global_uri(run.uri):
-            logged = _log_mlflow_model(run, local_dir, artifact_path)
+            logged = _log_mlflow_model(run, local_dir, name, step)
             mv = _new_version(client, run, name, logged, description)
         if metrics:
             run.log_metrics(metrics, step=step, model_id=logged.model_id)
@@ -997,15 +999,19 @@ def _new_version(client: MlflowClient, run: Run, name: str, logged, description:
         if not _already_exists(exc):
             raise
     version_tags = {k: v for k, v in run.tags.items() if k.startswith("g2d.")}
-    return client.create_model_version(name, source=logged.model_uri, run_id=run.run_id, tags=version_tags,
-                                       description=description, model_id=logged.model_id)
+    mv = client.create_model_version(name, source=logged.model_uri, run_id=run.run_id, tags=version_tags,
+                                     description=description, model_id=logged.model_id)
+    # what mlflow.register_model also writes: the logged model's page lists its versions ("Not registered" else)
+    client.set_logged_model_tags(logged.model_id, {"mlflow.modelVersions": json.dumps(
+        [{"name": name, "version": str(mv.version)}])})
+    return mv
 
 
 MODEL_FOLDER = "g2d_model"  # the g2d model folder among a registered MLflow model's artifacts
 _EXAMPLE_PROMPTS = ["pleural effusion", "no pleural effusion"]
 
 
-def _log_mlflow_model(run: Run, local_dir: Path, name: str):
+def _log_mlflow_model(run: Run, local_dir: Path, name: str, step: int):
     """The folder as an MLflow pyfunc model of `run` (models from code: no pickle), with a signature, an input
     example (a small PNG) and g2d's dependencies pinned to the versions installed here."""
     import mlflow
@@ -1027,7 +1033,10 @@ def _log_mlflow_model(run: Run, local_dir: Path, name: str):
         params = run._client.get_run(run.run_id).data.params
         model = run._client.create_logged_model(run.experiment_id, name=name, source_run_id=run.run_id,
                                                 params=params, model_type="g2d")
+        # the run's output at `step`: MLflow files the run's metrics of that step under the model too, so
+        # at the final step (not step 0, where the system metrics' first sample sits) the model shows its scores
         return Model.log(None, name=name, flavor=mlflow.pyfunc, run_id=run.run_id, model_id=model.model_id,
+                         step=step,
                          python_model=str(Path(__file__).with_name("mlflow_model.py")),
                          artifacts={MODEL_FOLDER: str(staged)}, signature=ModelSignature(inputs=Schema(columns)),
                          input_example=example, pip_requirements=pinned_requirements())
@@ -1120,8 +1129,8 @@ def list_models(*, uri: str | None = None) -> list[dict[str, Any]]:
 
 
 def pull_model(ref: str, out: Path, *, uri: str | None = None) -> Path:
-    """Download a registered version's files into ``out``; returns the folder holding them
-    (``out/<artifact_path>``, e.g. ``out/model/model.safetensors``).
+    """Download a registered version into ``out``: the MLflow model at ``out/model``; returns the folder of
+    g2d's files (``out/model/artifacts/g2d_model``; ``out/model`` itself for versions of plain files).
 
     Resolution is ours, download is by the version's own source: MLflow 3.17's
     ``download_artifacts("models:/...", registry_uri=...)`` ignores ``registry_uri`` and asks the

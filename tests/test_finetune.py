@@ -254,6 +254,7 @@ def test_multiclass_task_on_an_imported_manifest(project, tmp_path):
 def test_segmentation_on_an_imported_siim_records_its_protocol(project, tmp_path):
     """The path a user takes: `g2d data import` a dataset, point the task at it, train; the run carries the
     protocol's name and hash."""
+    import mlflow
     from mlflow import MlflowClient
 
     from g2d.data import importing
@@ -275,6 +276,9 @@ def test_segmentation_on_an_imported_siim_records_its_protocol(project, tmp_path
     linked = {m.key: m.value for m in MlflowClient().get_logged_model(output.model_id).metrics}
     assert linked["test/score"] == pytest.approx(out.metrics["score"]) and "val_best" in linked
     assert len(MlflowClient().get_metric_history(out.run_id, "test/score")) == 1
+    # registering loaded the model (MLflow checks the input example) without leaving it the process's active
+    # model, under which every later cell's metrics would be filed
+    assert mlflow.get_active_model_id() is None
 
 
 # ---------------------------------------------------------------- bad inputs: one line, exit 1, nothing left

@@ -155,8 +155,9 @@ def test_the_tiny_pipeline_against_an_mlflow_server_on_postgresql(postgres, tmp_
     with mlflow_server(postgres, tmp_path) as server:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
         runner = CliRunner()
+        pull = ["models", "pull", "g2d-encoder@champion", "--out", str(tmp_path / "pull")]
         for args in (["pretrain"], ["train", "--task", "siim-seg", "--frac", "1.0", "--init", "g2d"],
-                     ["models", "promote"], ["models", "pull", "g2d-encoder@champion", "--out", str(tmp_path / "pull")]):
+                     ["models", "promote"], pull):
             done = runner.invoke(app, args)
             assert done.exit_code == 0, (args, done.output)
         assert tracking.resolve_model("g2d-encoder@champion").version == 1

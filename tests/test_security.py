@@ -136,8 +136,8 @@ def test_a_pickle_registered_as_a_model_is_pulled_but_never_loaded(project, tmp_
         **_encoder_config(params), "kind": "segmentation", "task": "siim-seg", "classes": ["pneumothorax"],
         "freeze_encoder": False})
     with tracking.start_run("pretrain", config={"planted": True}) as run:
-        assert tracking.register_model_dir(run, encoder, "g2d-encoder", "encoder") == 1
-        assert tracking.register_model_dir(run, seg, "g2d-siim-seg", "seg") == 1
+        assert tracking.register_model_dir(run, encoder, "g2d-encoder") == 1
+        assert tracking.register_model_dir(run, seg, "g2d-siim-seg") == 1
 
     pulled = tmp_path / "pulled"
     result = CliRunner().invoke(app, ["models", "pull", "g2d-encoder/1", "--out", str(pulled)])

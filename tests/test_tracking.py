@@ -115,7 +115,7 @@ def test_run_records_provenance_params_and_config(mlflow_uri: str, project_dir: 
     client = _client(mlflow_uri)
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED"
-    assert got.info.run_name == "lucid-lark"  # DVC_EXP_NAME beats DVC_STAGE
+    assert got.info.run_name == "lucid-lark/pretrain@0"  # the experiment's runs told apart by their stage
     tags = got.data.tags
     assert tags["g2d.job"] == "pretrain"
     assert tags["g2d.git_commit"] == commit == tags["mlflow.source.git.commit"]
@@ -296,6 +296,18 @@ def test_register_list_pull_round_trip(registered: dict, mlflow_uri: str, tmp_pa
     assert mv.tags["g2d.data_hash"] == "h1" and mv.tags["g2d.job"] == "pretrain"
     info = tracking.resolve_model("enc@champion")
     assert (info.version, info.aliases) == (1, ("champion",))
+
+
+def test_a_registered_model_carries_its_metrics_and_lists_its_version(mlflow_uri: str, tmp_path: Path) -> None:
+    client = _client(mlflow_uri)
+    with tracking.start_run("finetune", config={}) as run:
+        _save_tiny_model(tmp_path / "m1", seed=1)
+        tracking.register_model_dir(run, tmp_path / "m1", "enc", metrics={"test/score": 0.5}, step=3)
+    [output] = client.get_run(run.run_id).outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert [(m.key, m.value, m.step) for m in model.metrics] == [("test/score", 0.5, 3)]
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": "enc", "version": "1"}]
+    assert client.get_run(run.run_id).data.metrics == {"test/score": 0.5}  # logged once, as the run's too
 
 
 def test_promote_moves_alias(registered: dict) -> None:
