@@ -3,6 +3,7 @@ params, then check the rendered data, the DVC state and the MLflow run."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,7 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -58,7 +61,7 @@ def test_fetch_then_dvc_status_sees_data_unchanged(clone):
     assert "data.dvc: the fetched folder differs from what it records" in proc.stderr
 
 
-def test_dvc_repro_renders_tracks_and_ends_clean(clone):
+def test_dvc_repro_renders_tracks_and_ends_clean(clone, monkeypatch):
     repo, env = clone
     sh("dvc", "repro", cwd=repo, env=env)
     assert "up to date" in sh("dvc", "status", cwd=repo, env=env)
@@ -144,6 +147,24 @@ def test_dvc_repro_renders_tracks_and_ends_clean(clone):
     card = (repo / "reports" / "model_card.md").read_text()
     assert card.startswith("# g2d-encoder@champion: version 1") and "## Intended use and limits" in card
     assert client.get_model_version("g2d-encoder", "1").description == card
+    # MLflow's way (the UI and mlflow.pyfunc): experiments tagged as model training; every fine-tuning run lists
+    # its model and logs its headline as test/score; the champion and a fine-tuned model load and predict
+    assert all(e.tags.get("mlflow.experimentKind") == "custom_model_development"
+               for e in client.search_experiments() if e.name.startswith("g2d-"))
+    assert all(r.outputs.model_outputs for r in finetunes)
+    assert {r.data.tags["g2d.metric"] for r in finetunes} == {"dice", "auc"}
+    assert all(r.data.metrics["test/score"] == r.data.metrics[f"test/{r.data.tags['g2d.metric']}"] for r in finetunes)
+    import mlflow
+    import pandas as pd
+
+    png = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(png, format="PNG")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    [answer] = mlflow.pyfunc.load_model("models:/g2d-encoder@champion").predict(
+        pd.DataFrame({"image": [png.getvalue()], "prompts": [["effusion", "no effusion"]]}))
+    assert len(answer["scores"]) == 2 and np.asarray(answer["heatmaps"]).shape == (2, 64, 64)
+    [seg] = mlflow.pyfunc.load_model("models:/g2d-siim-seg/latest").predict(pd.DataFrame({"image": [png.getvalue()]}))
+    assert np.asarray(seg["mask"]).shape == (64, 64)
     # each training stage checked its data against what DVC recorded for the synth stage before its first step
     for run in (some, runs["pretrain"]):
         text = Path(client.download_artifacts(run.info.run_id, "preflight.txt", tempfile.mkdtemp())).read_text()
