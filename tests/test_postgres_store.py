@@ -84,11 +84,14 @@ def _png(img: np.ndarray) -> bytes:
 
 
 def _no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The SQLite retries back off with time.sleep: on PostgreSQL they must never start."""
-    def refuse(seconds: float) -> None:
-        raise AssertionError(f"g2d slept {seconds} s waiting on a PostgreSQL store")
+    """The SQLite retries start when an error reads as a locked store: on PostgreSQL none may."""
+    is_locked = tracking._is_locked
 
-    monkeypatch.setattr(tracking.time, "sleep", refuse)
+    def refuse(exc: BaseException | None) -> bool:
+        assert not is_locked(exc), f"g2d took a PostgreSQL error for a locked SQLite store: {exc}"
+        return False
+
+    monkeypatch.setattr(tracking, "_is_locked", refuse)
 
 
 def test_runs_registry_and_pulls_straight_on_postgresql(postgres, tmp_path, monkeypatch):

@@ -185,8 +185,8 @@ def test_two_queued_experiments_in_parallel_share_one_new_store(tmp_path: Path) 
     uri = f"sqlite:///{db}"
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.get_experiment_by_name("g2d-hammer")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"exp-a", "exp-b"}  # named after the DVC experiments
+    runs = {r.info.run_name.split("/")[0]: r for r in client.search_runs([exp.experiment_id])}
+    assert {r.info.run_name for r in runs.values()} == {"exp-a/hammer", "exp-b/hammer"}  # EXPERIMENT/STAGE
     for name, run in runs.items():
         assert run.info.status == "FINISHED", name
         assert run.data.params["tag"] == name[-1]
