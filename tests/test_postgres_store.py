@@ -94,19 +94,14 @@ def _no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tracking, "_is_locked", refuse)
 
 
-def test_runs_registry_and_pulls_straight_on_postgresql(postgres, tmp_path, monkeypatch):
+def test_runs_registry_and_pulls_straight_on_postgresql(postgres, project_dir, tmp_path, monkeypatch):
     """A `postgresql://` tracking URI (no server): runs, registration, aliases, a pull, the errors of a missing
     model; no lock file, no retry waits, artifacts under the project's mlartifacts."""
     from mlflow import MlflowClient
 
     from tests.test_tracking import _assert_same_tensors, _save_tiny_model
 
-    root = tmp_path / "project"
-    root.mkdir()
-    (root / "dvc.yaml").write_text("")
-    for var in _TRACKING_ENV:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(root)
+    root = project_dir
     monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres)
     _no_waiting(monkeypatch)
     with tracking.start_run("pretrain", config={"lr": 0.001}, data_hash="abc") as run:
