@@ -16,6 +16,12 @@ from pathlib import Path
 
 import pytest
 
+# The suite runs on pytest-xdist workers (`-n auto` in pyproject.toml), one per core: each worker, and the
+# g2d / dvc processes its tests start, gets its share of the cores instead of one OpenMP thread per core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 # Environment that changes where g2d tracks or how it names runs; cleared for every test that
 # uses a project so a developer's shell (or a `dvc exp run`) cannot leak into the results.
 _TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME")
@@ -171,3 +177,17 @@ def mlflow_server(backend_uri: str, folder: Path) -> Iterator[str]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked slow as a whole (the end-to-end `dvc repro`) first, then modules holding a slow test: with one
+    module per xdist worker (`--dist loadfile --no-loadscope-reorder`), the longest starts at once instead of
+    leaving the other worker idle at the end. The order within a module is kept."""
+    ranks: dict[str, int] = {}
+    for item in items:
+        marks = getattr(item.module, "pytestmark", [])
+        whole = any(m.name == "slow" for m in (marks if isinstance(marks, list) else [marks]))
+        rank = 0 if whole else 1 if item.get_closest_marker("slow") else 2
+        ranks[item.module.__name__] = min(rank, ranks.get(item.module.__name__, 2))
+    items.sort(key=lambda item: ranks[item.module.__name__])
