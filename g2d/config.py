@@ -260,6 +260,9 @@ class Segmentation(Recipe):
     transfer: Literal["encoder", "encoder_decoder"] = Field(
         "encoder", description="what the pre-trained model gives: the encoder, or the encoder and its U-Net decoder"
     )
+    head: Literal["fresh", "pretrained"] = Field(
+        "fresh", description="with transfer encoder_decoder: the 1-channel head on the decoder starts fresh at `prior` "
+        "(fresh), or keeps the pre-training head that draws pseudo masks on every image (pretrained)")
     threshold: float = Field(0.5, gt=0, lt=1, description="on the sigmoid, for Dice")
     prior: float = Field(0.01, gt=0, lt=1, description="foreground probability a fresh head starts at (its bias, "
                          "RetinaNet's prior): predictions start empty, not half foreground")

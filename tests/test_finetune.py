@@ -154,6 +154,29 @@ def test_encoder_decoder_transfer_starts_from_the_pretrained_decoder(project):
 
 
 
+@pytest.mark.parametrize("head", ["fresh", "pretrained"])
+def test_a_transferred_decoder_gets_a_fresh_head_at_the_prior_unless_asked(project, head):
+    """The pre-training head draws pseudo masks (~15% of every body): kept, a 1% fine-tuning never learns that most
+    images are empty. Fresh, it starts at `prior` as an encoder-only U-Net's head does."""
+    from g2d.pipeline.downstream import segmentation
+
+    p = params(project, "finetune.segmentation.transfer=encoder_decoder", f"finetune.segmentation.head={head}")
+    start = initialisation.resolve("g2d", p, project)
+    config: dict = {}
+    net = segmentation.wrap(initialisation.build_unet(start, with_decoder=True), tasks.get("siim-seg"), p.finetune,
+                            config)
+    conv = net.unet.segmentation_head[0]
+    key = next(k for k in start.unet_state if k.startswith("decoder.") and k.endswith("weight"))
+    assert torch.equal(net.unet.state_dict()[key], start.unet_state[key])  # the decoder is transferred either way
+    assert config["head"] == head
+    if head == "fresh":
+        assert torch.allclose(conv.bias, torch.tensor(math.log(0.01 / 0.99)))
+        assert not torch.equal(conv.weight, start.unet_state["segmentation_head.0.weight"])
+    else:
+        assert torch.equal(conv.weight, start.unet_state["segmentation_head.0.weight"])
+        assert torch.equal(conv.bias, start.unet_state["segmentation_head.0.bias"])
+
+
 def test_a_study_variant_is_written_and_registered_apart(project):
     """The study's runs must not become `models:/g2d-siim-seg/latest` nor a cell of the finetune matrix."""
     out = finetune.run(params(project, "finetune.segmentation.transfer=encoder_decoder"), task="siim-seg",

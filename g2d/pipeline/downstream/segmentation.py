@@ -24,12 +24,17 @@ from g2d.pipeline.downstream_metrics import dice_per_image, segmentation_scores
 
 
 def wrap(unet: nn.Module, spec: TaskSpec, cfg: Finetune, config: dict) -> nn.Module:
-    config.update(classes=list(spec.labels), freeze_encoder=cfg.segmentation.freeze_encoder,
-                  transfer=cfg.segmentation.transfer, threshold=cfg.segmentation.threshold)
+    seg = cfg.segmentation
+    config.update(classes=list(spec.labels), freeze_encoder=seg.freeze_encoder, transfer=seg.transfer,
+                  head=seg.head if uses_decoder(cfg) else "fresh", threshold=seg.threshold)
     net = rewrap(unet, config)
-    if not uses_decoder(cfg):  # a fresh head: start from "no finding" everywhere
-        prior = cfg.segmentation.prior
-        nn.init.constant_(net.unet.segmentation_head[0].bias, -math.log((1 - prior) / prior))
+    if config["head"] == "fresh":  # start from "no finding" everywhere
+        head = net.unet.segmentation_head
+        if uses_decoder(cfg):  # the pre-training head predicts the pseudo mask, ~15% of every body
+            from segmentation_models_pytorch.base.initialization import initialize_head
+
+            initialize_head(head)
+        nn.init.constant_(head[0].bias, -math.log((1 - seg.prior) / seg.prior))
     return net
 
 
