@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw
 from g2d.data import manifest as mf
 from g2d.data import protocols, splits, text
 from g2d.data.images import read_image, to_uint8
+from g2d.data.rle import decode_rle
 from g2d.errors import DataError
 
 STATE = ".import"
@@ -491,8 +492,6 @@ def _box(box, width: int, height: int, where: str) -> list[float]:
 def _mask(item: Item, size: tuple[int, int], new: tuple[int, int], boxes: list[list[float]]) -> np.ndarray:
     """The item's mask at the stored image's size."""
     if item.mask == "rle":
-        from g2d.data.sources.siim import decode_rle
-
         h, w = item.rle_size or (size[1], size[0])
         if (w, h) != size:
             raise _ItemError(f"{item.where}: the RLE mask is defined on {w} x {h} but {item.image} is "

@@ -2,8 +2,8 @@
 
 Quirks of the official file, all handled here: the mask column is " EncodedPixels" with a
 leading space; "-1" means an empty mask; an image with several pneumothoraces has several rows
-(merged); the run-length encoding is relative (each start is an offset from the end of the
-previous run) over the 1024 x 1024 image in column-major order.
+(merged); the run-length encoding (decoded by g2d/data/rle.py) is relative (each start is an offset from
+the end of the previous run) over the 1024 x 1024 image in column-major order.
 """
 
 from __future__ import annotations
@@ -20,39 +20,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from g2d.data import importing
+from g2d.data.rle import SIIM_SIZE, check_rle, decode_rle
 from g2d.errors import DataError
-
-SIIM_SIZE = 1024
-
-
-def _rle_numbers(rle: str, where: str) -> np.ndarray:
-    """The offset / length pairs of a non-empty RLE string, or the error naming its row."""
-    try:
-        nums = np.asarray([int(x) for x in rle.split()], dtype=np.int64)
-    except ValueError:
-        raise DataError(f"{where}: EncodedPixels is not a list of integers: {rle[:40]!r}") from None
-    if nums.size % 2:
-        raise DataError(f"{where}: EncodedPixels has an odd number of values ({nums.size}); it must be "
-                        "offset / length pairs")
-    return nums
-
-
-def decode_rle(rle: str, height: int = SIIM_SIZE, width: int = SIIM_SIZE, where: str = "rle") -> np.ndarray:
-    """Relative-offset, column-major RLE -> bool (height, width). '-1' or '' -> empty."""
-    flat = np.zeros(height * width, dtype=bool)
-    rle = rle.strip()
-    if rle in ("", "-1"):
-        return flat.reshape(width, height).T
-    nums = _rle_numbers(rle, where)
-    pos = 0
-    for offset, length in zip(nums[0::2], nums[1::2], strict=True):
-        start = pos + int(offset)
-        end = start + int(length)
-        if offset < 0 or length < 0 or end > flat.size:
-            raise DataError(f"{where}: run ({offset}, {length}) leaves the {height}x{width} image")
-        flat[start:end] = True
-        pos = end
-    return flat.reshape(width, height).T
 
 
 def read_rle_table(path: Path) -> dict[str, list[str]]:
@@ -135,15 +104,6 @@ def scan(src: Path, options: importing.Options) -> importing.Scan:
     unlabelled = len(set(dicoms) - set(rows))
     dropped = Counter({f"DICOMs without a row in {RLE_FILE} (stage 1 test images)": unlabelled} if unlabelled else {})
     return importing.Scan(items, dropped)
-
-
-def check_rle(rle: str, where: str, height: int = SIIM_SIZE, width: int = SIIM_SIZE) -> None:
-    """Malformed RLE is an error naming the row, found before any image is decoded."""
-    if rle in ("", "-1"):
-        return
-    nums = _rle_numbers(rle, where)
-    if (nums < 0).any() or nums.sum() > height * width:
-        raise DataError(f"{where}: EncodedPixels runs leave the {height} x {width} image")
 
 
 IMPORTER = importing.Importer(
