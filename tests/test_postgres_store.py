@@ -23,6 +23,7 @@ from PIL import Image
 
 from g2d import tracking
 from g2d.errors import RegistryError, TrackingError
+from g2d.tracking import store
 from tests.conftest import _TRACKING_ENV, free_port, mlflow_server, tiny_synthcxr_project
 from tests.test_zeroshot import _gradient
 
@@ -85,13 +86,13 @@ def _png(img: np.ndarray) -> bytes:
 
 def _no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
     """The SQLite retries start when an error reads as a locked store: on PostgreSQL none may."""
-    is_locked = tracking._is_locked
+    is_locked = store._is_locked
 
     def refuse(exc: BaseException | None) -> bool:
         assert not is_locked(exc), f"g2d took a PostgreSQL error for a locked SQLite store: {exc}"
         return False
 
-    monkeypatch.setattr(tracking, "_is_locked", refuse)
+    monkeypatch.setattr(store, "_is_locked", refuse)
 
 
 def test_runs_registry_and_pulls_straight_on_postgresql(postgres, project_dir, tmp_path, monkeypatch):

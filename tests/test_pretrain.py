@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from g2d import tracking
 from g2d.config import load_params
 from g2d.pipeline import model_files, pretrain
+from g2d.tracking import store
 from tests.conftest import tiny_synthcxr_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,16 +57,16 @@ def test_pretrain_trains_tracks_and_registers(project):
     card = (outcome.model_dir / "model_card.md").read_text()
     assert m["data_hash"] in card and "Intended use and limits" in card
 
-    run = tracking._client(tracking.tracking_uri()).get_run(outcome.run_id)
+    run = store._client(tracking.tracking_uri()).get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     # MLflow metric names cannot hold "@": R@1 is logged as R_1
     assert {"loss/total", "loss/global", "loss/dense", "lr", "pairs_per_s", "val/i2t_R_1",
             "val/pseudo_mask/coverage", "val/pseudo_mask/pointing_chance"} <= set(run.data.metrics)
     assert run.data.tags["g2d.data_hash"] == m["data_hash"] and run.data.tags["g2d.split_hash"] == m["split_hash"]
     [output] = run.outputs.model_outputs  # the registered model shows the final retrieval on its own page
-    linked = tracking._client(tracking.tracking_uri()).get_logged_model(output.model_id).metrics
+    linked = store._client(tracking.tracking_uri()).get_logged_model(output.model_id).metrics
     assert {x.key: x.value for x in linked}["val/i2t_R_1"] == pytest.approx(m["retrieval"]["i2t_R@1"])
-    figures = [a.path for a in tracking._client(tracking.tracking_uri()).list_artifacts(outcome.run_id, "figures")]
+    figures = [a.path for a in store._client(tracking.tracking_uri()).list_artifacts(outcome.run_id, "figures")]
     assert any(f.endswith(".png") for f in figures)
 
 
@@ -106,8 +107,8 @@ def test_resume_after_a_crash_ends_with_the_same_weights(project, monkeypatch):
     resumed = load_file(outcome.model_dir / "model.safetensors")
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
-    runs = tracking._client(tracking.tracking_uri()).search_runs(
-        [tracking._client(tracking.tracking_uri()).get_experiment_by_name("g2d-pretrain").experiment_id])
+    runs = store._client(tracking.tracking_uri()).search_runs(
+        [store._client(tracking.tracking_uri()).get_experiment_by_name("g2d-pretrain").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
 
 

@@ -13,6 +13,7 @@ from g2d import tracking
 from g2d.config import load_params
 from g2d.errors import RegistryError
 from g2d.pipeline import promotion
+from g2d.tracking import store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def test_the_best_mean_over_seeds_wins_and_gets_a_card(mlflow_uri, project_dir, 
     assert sha2 in card and "d" * 64 in card and "s" * 64 in card and "epochs: 3" in card
     assert "| siim-seg | 1% | dice 40.0 ± 1.0 [" in card  # the test scores of its three seeds, with an interval
     assert "| siim-seg | 10% | dice 99.0 (n = 1, no interval) | 42 |" in card
-    assert tracking._client(mlflow_uri).get_model_version("g2d-encoder", str(v2)).description == card
+    assert store._client(mlflow_uri).get_model_version("g2d-encoder", str(v2)).description == card
 
 
 def test_a_rerun_of_a_seed_replaces_the_older_run(mlflow_uri, project_dir, tmp_path):

@@ -18,6 +18,7 @@ import pytest
 
 from g2d import tracking
 from g2d.errors import TrackingError
+from g2d.tracking import store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_a_call_on_a_locked_store_goes_through_once_the_lock_is_gone(
 def test_a_store_locked_past_the_budget_is_a_tracking_error_naming_it(
     mlflow_uri: str, project_dir: Path, short_sqlite_wait: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tracking, "_LOCKED_RETRY_S", 1.0)
+    monkeypatch.setattr(store, "_LOCKED_RETRY_S", 1.0)
     db = project_dir / "mlflow.db"
     with tracking.start_run("data", config={}) as run:
         lock = _write_lock(db)

@@ -16,6 +16,7 @@ import yaml
 
 from g2d import tracking
 from g2d.errors import RegistryError, TrackingError
+from g2d.tracking import runs
 from tests.conftest import free_port, mlflow_server
 
 
@@ -195,13 +196,13 @@ def test_sigterm_while_closing_is_delivered_after(mlflow_uri: str, monkeypatch: 
     """A SIGTERM that lands while the run is being closed must not leave it RUNNING: it is held
     back, the run is closed, and the signal then reaches the handler that was there before."""
     received = []
-    real_terminate = tracking._terminate
+    real_terminate = runs._terminate
 
     def terminate_under_fire(client, run_id, status):
         os.kill(os.getpid(), signal.SIGTERM)
         real_terminate(client, run_id, status)
 
-    monkeypatch.setattr(tracking, "_terminate", terminate_under_fire)
+    monkeypatch.setattr(runs, "_terminate", terminate_under_fire)
     old = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
         with tracking.start_run("data", config={}) as run:
@@ -467,10 +468,10 @@ def test_a_repro_rewriting_its_outputs_does_not_dirty_the_tree(tmp_path):
     git("init", "-q")
     git("-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
     git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x")
-    assert tracking._git_state(tmp_path)[1] is False
+    assert runs._git_state(tmp_path)[1] is False
     cell.unlink()
     (tmp_path / "metrics" / "data.json").write_text('{"rows": 1}')
     (tmp_path / "dvc.lock").write_text((tmp_path / "dvc.lock").read_text() + "\n")
-    assert tracking._git_state(tmp_path)[1] is False
+    assert runs._git_state(tmp_path)[1] is False
     (tmp_path / "params.yaml").write_text("seed: 43\n")
-    assert tracking._git_state(tmp_path)[1] is True
+    assert runs._git_state(tmp_path)[1] is True
