@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from g2d.config import load_params
-    from g2d.pipeline import pretrain
+    from g2d.pipeline.pretrain import stage as pretrain
 
     rows = []
     for name in args.only or [c for c in CANDIDATES if c != "8x8-256px"]:

@@ -53,7 +53,7 @@ def main() -> None:
 
     from g2d.config import load_params
     from g2d.data import tasks
-    from g2d.pipeline import finetune
+    from g2d.pipeline.finetune import stage as finetune
 
     params = load_params(args.params)
     spec = tasks.get(args.task)

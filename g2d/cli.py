@@ -111,7 +111,7 @@ def data_fetch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> 
 @handles_errors
 def data_synth(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Render the embedded SynthCXR dataset (the `synth` DVC stage)."""
-    from g2d.pipeline import synth
+    from g2d.pipeline.datasets import synth
     from g2d.progress import rich_progress
 
     cfg = _params(params, set_)
@@ -143,7 +143,7 @@ def data_import(
     set_: SetOpt = None,
 ) -> None:
     """Import a downloaded dataset into a validated dataset folder; rerun the same command to resume."""
-    from g2d.pipeline import data_import
+    from g2d.pipeline.datasets import data_import
     from g2d.progress import rich_progress
 
     cfg = _params(params, set_, defaults_if_missing=True)
@@ -257,8 +257,7 @@ def pretrain(
                                              "into models/ablations/<variant>-seed<seed>")] = None,
 ) -> None:
     """Pre-train G2D on the pre-training manifest and register the model (the `pretrain` DVC stage)."""
-    from g2d.pipeline import ablations
-    from g2d.pipeline import pretrain as stage
+    from g2d.pipeline.pretrain import ablations, stage
     from g2d.progress import rich_progress
 
     if seed is not None and variant is None:
@@ -317,7 +316,7 @@ def train(
 ) -> None:
     """Fine-tune on label fractions (one cell per fraction and seed, one process), test the best val epoch's
     weights, register g2d-<task> (the `finetune` DVC stages)."""
-    from g2d.pipeline import finetune
+    from g2d.pipeline.finetune import stage as finetune
     from g2d.progress import rich_progress
 
     cfg = _params(params, set_)
@@ -348,7 +347,7 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Score a fine-tuned model on the test split of a task."""
-    from g2d.pipeline import finetune
+    from g2d.pipeline.finetune import stage as finetune
     from g2d.progress import rich_progress
 
     cfg = _params(params, set_)
@@ -372,7 +371,7 @@ def zeroshot(
     set_: SetOpt = None,
 ) -> None:
     """Zero-shot classification from '<finding>' vs 'no <finding>' prompts (the `zeroshot` DVC stage)."""
-    from g2d.pipeline import zeroshot as stage
+    from g2d.pipeline.zeroshot import stage
     from g2d.progress import rich_progress
 
     cfg = _params(params, set_)
@@ -398,7 +397,7 @@ def ground(
     seed: Annotated[int | None, typer.Option("--seed", help="with --variant: its rerun with this seed")] = None,
 ) -> None:
     """Zero-shot grounding: pointing game, IoU / Dice and CNR of phrase heat maps (the `ground` DVC stage)."""
-    from g2d.pipeline import grounding as stage
+    from g2d.pipeline.zeroshot import grounding as stage
     from g2d.progress import rich_progress
 
     if seed is not None and variant is None:
@@ -456,7 +455,7 @@ def explain(
 @handles_errors
 def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Gather metrics/finetune/*.json into reports/results.md and the learning curves (the `report` stage)."""
-    from g2d.pipeline import report as stage
+    from g2d.pipeline.study import report as stage
 
     cfg = _params(params, set_)
     outcome = stage.run(cfg)
@@ -489,7 +488,7 @@ def bench(
     import json
 
     from g2d.errors import ConfigError
-    from g2d.pipeline import bench as stage
+    from g2d.pipeline.pretrain import bench as stage
     from g2d.progress import rich_progress
 
     if model not in ("paper", "params"):
@@ -582,7 +581,7 @@ def models_promote(
     from g2d.errors import ConfigError
 
     if name is None and version is None and alias is None:
-        from g2d.pipeline import promotion
+        from g2d.pipeline.study import promotion
 
         out = promotion.run(_params(params, set_))
         for c in out.candidates:  # the rule's order

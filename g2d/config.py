@@ -319,7 +319,7 @@ class Finetune(Strict):
         return _multiple_of_32(v)
 
 
-# Zero-shot tasks (g2d zeroshot) and grounding tasks (g2d ground); g2d/pipeline/zeroshot_tasks.py says what each reads.
+# Zero-shot tasks (g2d zeroshot) and grounding tasks (g2d ground); g2d/pipeline/zeroshot/tasks.py says what each reads.
 ZeroshotTask = Literal["synthcxr", "siim", "rsna", "chexpert-5x200", "chestxray14"]
 GroundingTask = Literal["synthcxr", "siim", "rsna", "ms-cxr"]
 FINDING = "{finding}"

@@ -51,9 +51,10 @@ def _params(params: Params | str | Path | None) -> Params:
 
 
 def load_model(model: str = "g2d", params: Params | str | Path | None = None):
-    """A pre-trained G2D encoder with its text tower (pipeline.encoders.Pretrained), in eval mode."""
+    """A pre-trained G2D encoder with its text tower (pipeline.zeroshot.encoders.Pretrained), in eval mode."""
     from g2d import tracking
-    from g2d.pipeline import encoders, runtime
+    from g2d.pipeline import runtime
+    from g2d.pipeline.zeroshot import encoders
 
     pre = encoders.load(model, _params(params), tracking.project_root())
     pre.model.to(runtime.device())
@@ -87,7 +88,7 @@ def as_image(image) -> np.ndarray:
 @torch.no_grad()
 def predict(image, prompts: str | list[str], model="g2d", params: Params | str | Path | None = None) -> Prediction:
     """Similarity of the image with each prompt, globally and at every location."""
-    from g2d.pipeline import similarity
+    from g2d.pipeline.zeroshot import similarity
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or any(not p.strip() for p in prompts):
@@ -108,7 +109,7 @@ def explain(image, prompts: str | list[str], out: str | Path, model="g2d", box=N
             params: Params | str | Path | None = None) -> tuple[Prediction, Path]:
     """`predict`, drawn: the image and, per prompt, its heat map with contours (and the truth box)."""
     from g2d.pipeline.figures import explain_figure
-    from g2d.pipeline.similarity import scale01
+    from g2d.pipeline.zeroshot.similarity import scale01
 
     out = Path(out)
     if out.suffix.lower() not in FIGURE_SUFFIXES:

@@ -31,7 +31,7 @@ class RequestError(G2DError):
 class Served:
     kind: str  # g2d-encoder, segmentation, classification, detection
     config: dict
-    model: object  # pipeline.encoders.Pretrained (encoder) or the fine-tuned network
+    model: object  # pipeline.zeroshot.encoders.Pretrained (encoder) or the fine-tuned network
     source: str
 
     @property
@@ -43,7 +43,9 @@ class Served:
 
 def load(folder: Path, source: str | None = None) -> Served:
     """A g2d model folder (model.safetensors, config.yaml: what `g2d pretrain` / `g2d train` write)."""
-    from g2d.pipeline import encoders, finetune, model_files
+    from g2d.pipeline import model_files
+    from g2d.pipeline.finetune import stage as finetune
+    from g2d.pipeline.zeroshot import encoders
 
     folder = Path(folder)
     config = model_files.read_config(folder)
@@ -100,7 +102,7 @@ def prompts_of(value, row: int) -> list[str]:
 def answer(served: Served, image: np.ndarray, prompts: list[str] | None = None) -> dict:
     """One image's answer (JSON-ready)."""
     from g2d import inference
-    from g2d.pipeline.similarity import to_model_input
+    from g2d.pipeline.zeroshot.similarity import to_model_input
 
     if served.needs_prompts:
         pred = inference.predict(image, prompts, model=served.model)

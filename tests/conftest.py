@@ -93,7 +93,7 @@ def tiny_project_with_store(root: Path, mlflow_template_db: Path) -> Path:
 def tiny_project(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -> Path:
     """params.tiny.yaml, its SynthCXR rendered and a tiny G2D pre-trained (`models/pretrain`, registered as
     g2d-encoder version 1); one per test module."""
-    from g2d.pipeline import pretrain
+    from g2d.pipeline.pretrain import stage as pretrain
 
     root = tmp_path_factory.mktemp("pretrained") / "project"
     params = tiny_synthcxr_project(root)

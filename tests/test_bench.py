@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from g2d.cli import app
 from g2d.config import Params, load_params
-from g2d.pipeline import bench
+from g2d.pipeline.pretrain import bench
 from tests.conftest import tiny_synthcxr_project
 
 runner = CliRunner()

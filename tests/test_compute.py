@@ -13,7 +13,8 @@ import torch
 from g2d.config import Compute, Model, Pretrain
 from g2d.model.g2d import G2D
 from g2d.model.towers import load_tokenizer
-from g2d.pipeline import pretrain_step, runtime
+from g2d.pipeline import runtime
+from g2d.pipeline.pretrain import step as pretrain_step
 
 TINY = Model(text_model="tiny", encoder="resnet18", decoder_channels=(16, 8, 8, 4, 4), text_frozen_layers=1,
              max_length=16, embed_dim=16, heads=2, text_dropout=0.0)
@@ -191,8 +192,8 @@ def _finetune_cell(task: str, dev: torch.device, precision: str, figure: Path) -
     from g2d.config import Finetune
     from g2d.data import tasks
     from g2d.model.towers import build_unet
-    from g2d.pipeline.downstream import classification, detection, features, segmentation
-    from g2d.pipeline.downstream import fit as loop
+    from g2d.pipeline.finetune import classification, detection, features, segmentation
+    from g2d.pipeline.finetune import fit as loop
 
     spec = tasks.get(task)
     family = {"segmentation": segmentation, "detection": detection, "classification": classification}[spec.kind]

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from g2d.config import load_params
 from g2d.errors import ConfigError
-from g2d.pipeline import distributed, pretrain
+from g2d.pipeline import distributed
+from g2d.pipeline.pretrain import stage as pretrain
 from tests.conftest import tiny_project_with_store, torchrun
 
 # no dropout (each rank would draw its own noise), every step logged: 4 steps of a global batch of 8

@@ -12,7 +12,8 @@ import pytest
 
 from g2d.config import load_params
 from g2d.errors import ConfigError
-from g2d.pipeline import distributed, finetune
+from g2d.pipeline import distributed
+from g2d.pipeline.finetune import stage as finetune
 from tests.conftest import tiny_project_with_store, torchrun
 
 SCRIPTS = Path(__file__).parent / "scripts"

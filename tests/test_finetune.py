@@ -21,8 +21,11 @@ from g2d.config import load_params
 from g2d.data import labelled, tasks
 from g2d.data import manifest as mf
 from g2d.errors import ConfigError, DataError
-from g2d.pipeline import finetune, initialisation, report, runtime
-from g2d.pipeline.downstream import fit as loop
+from g2d.pipeline import runtime
+from g2d.pipeline.finetune import fit as loop
+from g2d.pipeline.finetune import initialisation
+from g2d.pipeline.finetune import stage as finetune
+from g2d.pipeline.study import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,7 +161,7 @@ def test_encoder_decoder_transfer_starts_from_the_pretrained_decoder(project):
 def test_a_transferred_decoder_gets_a_fresh_head_at_the_prior_unless_asked(project, head):
     """The pre-training head draws pseudo masks (~15% of every body): kept, a 1% fine-tuning never learns that most
     images are empty. Fresh, it starts at `prior` as an encoder-only U-Net's head does."""
-    from g2d.pipeline.downstream import segmentation
+    from g2d.pipeline.finetune import segmentation
 
     p = params(project, "finetune.segmentation.transfer=encoder_decoder", f"finetune.segmentation.head={head}")
     start = initialisation.resolve("g2d", p, project)
@@ -209,7 +212,7 @@ def _answers_through_mlflow(project: Path, out, task: str) -> None:
     import mlflow
     import numpy as np
 
-    from g2d.pipeline.similarity import to_model_input
+    from g2d.pipeline.zeroshot.similarity import to_model_input
 
     model = mlflow.pyfunc.load_model(f"models:/{out.registered}/{out.version}")
     net, config = finetune.load_model(tracking.pull_model(f"{out.registered}/{out.version}", project / "pulled-x"))
@@ -445,7 +448,7 @@ def test_steps_grow_with_the_train_set():
 def test_cached_maps_equal_the_frozen_encoder_output(project):
     """The maps a cell trains on are the frozen encoder's on the same images, whichever rows a run asks for
     first, and decoding them gives the network's own output."""
-    from g2d.pipeline.downstream import features, segmentation
+    from g2d.pipeline.finetune import features, segmentation
 
     p = params(project)
     spec = tasks.get("siim-seg")
@@ -554,7 +557,7 @@ def test_multiclass_rows_need_one_known_label(tmp_path):
 
 
 def test_a_fresh_segmentation_head_starts_predicting_no_finding(project):
-    from g2d.pipeline.downstream import segmentation
+    from g2d.pipeline.finetune import segmentation
 
     p = params(project)
     start = initialisation.resolve("g2d", p, project)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from g2d.errors import DataError
-from g2d.pipeline import grounding_compare, study, study_stats
+from g2d.pipeline.study import comparisons as study
+from g2d.pipeline.study import grounding_compare
+from g2d.pipeline.study import stats as study_stats
 from tests.test_study import _params
 
 IDS = [f"img{i // 2}|phrase {i % 2}" for i in range(40)]
@@ -108,7 +110,7 @@ def test_study_lists_each_ablations_grounding_and_compares_the_pair(tmp_path):
 
 
 def test_results_compare_g2d_and_global_only_phrase_by_phrase(tmp_path):
-    from g2d.pipeline import report
+    from g2d.pipeline.study import report
 
     params = _params(resamples=199)
     write_grounding(tmp_path, "g2d", [1] * 30 + [0] * 10, variant=None, seed=42, model="g2d")

@@ -237,7 +237,7 @@ def test_pretraining_from_a_pack_trains_the_same_weights(tmp_path, mlflow_templa
     from safetensors.torch import load_file
 
     from g2d.config import load_params
-    from g2d.pipeline import pretrain
+    from g2d.pipeline.pretrain import stage as pretrain
     from tests.conftest import tiny_synthcxr_project
 
     root = tmp_path / "project"

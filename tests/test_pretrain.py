@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from g2d import tracking
 from g2d.config import load_params
-from g2d.pipeline import model_files, pretrain
+from g2d.pipeline import model_files
+from g2d.pipeline.pretrain import stage as pretrain
 from g2d.tracking import store
 from tests.conftest import tiny_synthcxr_project
 

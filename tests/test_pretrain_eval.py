@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from g2d.pipeline.pretrain import lr_lambda
-from g2d.pipeline.pretrain_eval import recall_at_k
+from g2d.pipeline.pretrain.evaluation import recall_at_k
+from g2d.pipeline.pretrain.stage import lr_lambda
 
 
 def test_recall_at_k_by_hand():
@@ -30,7 +30,7 @@ def test_warmup_then_cosine_to_zero():
 
 
 def test_pseudo_mask_scores_by_hand_and_chance_by_sampling():
-    from g2d.pipeline.pretrain_eval import _scores
+    from g2d.pipeline.pretrain.evaluation import _scores
 
     body = torch.zeros(1, 10, 10, dtype=torch.bool)
     body[:, :, :5] = True  # 50 pixels
@@ -72,7 +72,7 @@ class _Attending(torch.nn.Module):
 
 def test_pseudo_mask_quality_rises_above_chance_only_where_the_attention_looks():
     from g2d.config import PseudoMask
-    from g2d.pipeline.pretrain_eval import flat_quality, pseudo_mask_quality
+    from g2d.pipeline.pretrain.evaluation import flat_quality, pseudo_mask_quality
 
     images = torch.full((2, 1, 32, 32), 0.1)
     images[:, :, 4:28, 4:28] = 0.8  # the body

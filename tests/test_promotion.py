@@ -12,7 +12,7 @@ import yaml
 from g2d import tracking
 from g2d.config import load_params
 from g2d.errors import RegistryError
-from g2d.pipeline import promotion
+from g2d.pipeline.study import promotion
 from g2d.tracking import store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -330,7 +330,7 @@ def test_preflight_is_logged_with_the_run(project):
 
 
 def test_a_non_finite_loss_stops_with_the_step_ids_and_a_debug_checkpoint(project, monkeypatch):
-    from g2d.pipeline import pretrain_step
+    from g2d.pipeline.pretrain import step as pretrain_step
 
     real, calls = pretrain_step.Trainer.losses, {"n": 0}
 

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from g2d.config import load_params
-from g2d.pipeline import pretrain
+from g2d.pipeline.pretrain import stage as pretrain
 from tests.conftest import _TRACKING_ENV, tiny_synthcxr_project
 
 ROOT = Path(__file__).resolve().parents[1]

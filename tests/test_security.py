@@ -26,7 +26,8 @@ from g2d.config import load_params
 from g2d.data import importing, protocols
 from g2d.data import manifest as mf
 from g2d.errors import G2DError
-from g2d.pipeline import initialisation, model_files, runtime
+from g2d.pipeline import model_files, runtime
+from g2d.pipeline.finetune import initialisation
 from tests.conftest import tiny_project_with_store
 from tests.layouts import radiograph, write_dicom
 
@@ -220,7 +221,7 @@ def test_a_text_tower_named_by_a_model_config_cannot_bring_a_pickle(project_dir,
 
 
 def runtime_checkpoint_name() -> str:
-    from g2d.pipeline import pretrain
+    from g2d.pipeline.pretrain import stage as pretrain
 
     return pretrain.CHECKPOINT
 

@@ -11,7 +11,7 @@ import pytest
 
 from g2d.config import Params, load_params
 from g2d.errors import DataError
-from g2d.pipeline import study
+from g2d.pipeline.study import comparisons as study
 
 ROOT = Path(__file__).resolve().parents[1]
 

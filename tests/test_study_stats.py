@@ -11,14 +11,7 @@ import pytest
 from scipy import stats
 
 from g2d.errors import DataError
-from g2d.pipeline.study_stats import (
-    Comparison,
-    Summary,
-    compare,
-    format_cell,
-    format_comparison,
-    summarise,
-)
+from g2d.pipeline.study.stats import Comparison, Summary, compare, format_cell, format_comparison, summarise
 
 
 def _covers(ci, value) -> bool:
@@ -200,7 +193,7 @@ def test_formatters_exact_text():
 
 
 def test_one_run_each_is_an_interval_over_items_and_no_test():
-    from g2d.pipeline.study_stats import compare_one_run
+    from g2d.pipeline.study.stats import compare_one_run
 
     a, b = np.r_[np.ones(30), np.zeros(10)], np.r_[np.ones(10), np.zeros(30)]
     c = compare_one_run(a, b, names=("g2d", "global"), n_resamples=999)

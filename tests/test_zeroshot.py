@@ -25,7 +25,8 @@ from g2d.cli import app
 from g2d.config import Model, Zeroshot, load_params
 from g2d.data import manifest as mf
 from g2d.errors import ConfigError, DataError
-from g2d.pipeline import grounding, grounding_metrics, similarity, zeroshot
+from g2d.pipeline.zeroshot import grounding, grounding_metrics, similarity
+from g2d.pipeline.zeroshot import stage as zeroshot
 
 # ---------------------------------------------------------------- prompts
 
@@ -362,7 +363,7 @@ def test_matrix_encoders_must_be_pre_trained():
 
 
 def test_no_finding_columns_are_not_prompted(tmp_path):
-    from g2d.pipeline import zeroshot_tasks
+    from g2d.pipeline.zeroshot import tasks as zeroshot_tasks
 
     df = pd.DataFrame({"id": ["a"], "image": ["a.png"], "No Finding": [1], "Effusion": [0], "normal": [0]})
     found, excluded = zeroshot_tasks.classes(df, tmp_path)
@@ -370,7 +371,7 @@ def test_no_finding_columns_are_not_prompted(tmp_path):
 
 
 def test_report_table_2_uses_each_task_s_headline_metric():
-    from g2d.pipeline import report
+    from g2d.pipeline.study import report
 
     zs = [{"task": "chexpert-5x200", "model": "g2d", "metric": "accuracy", "score": 0.4, "file": "c_g2d.json",
            "test": {"accuracy": 0.4, "auc": 0.7, "f1": 0.3, "chance_accuracy": 0.2}}]

@@ -2,7 +2,7 @@
 rotation 10 degrees, reflected borders, probability 0.5), as MONAI's RandAffined so an image and its mask move
 together (bilinear for the image, nearest for the mask).
 
-Two ways to draw it, because a frozen encoder's features are cached (g2d/pipeline/downstream/features.py):
+Two ways to draw it, because a frozen encoder's features are cached (g2d/pipeline/finetune/features.py):
 `views` draws K transformed copies of every train image once, each seeded by (seed, view, image id) so a copy
 never depends on which other images were loaded; `Fresh` transforms every batch anew, as MGCA does."""
 

@@ -23,6 +23,7 @@ from g2d.config import Params
 from g2d.data import integrity
 from g2d.data import manifest as mf
 from g2d.errors import DataError, G2DError, TrackingError
+from g2d.pipeline.pretrain.paths import paths
 from g2d.progress import Reporter, silent
 
 ARTIFACT = "preflight.txt"
@@ -116,9 +117,8 @@ def run(params: Params, task: str | None = None, reporter: Reporter = silent) ->
     """`g2d preflight`: what `g2d pretrain` checks before its first step, and `g2d train --task TASK` too when a
     task is given (before submitting a long job to a cluster)."""
     from g2d.data import tasks
-    from g2d.pipeline import pretrain
 
-    data_dir, out, ckpt_dir, metrics = pretrain.paths(params)
+    data_dir, out, ckpt_dir, metrics = paths(params)
     datasets = [data_dir]
     if task:
         datasets.append(tasks.dataset_folder(tasks.get(task), params, tracking.project_root()))

@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_distributed_finetune.py: the fine-tuning loop (g2d/pipeline/downstream/
+"""Run under torchrun by tests/test_distributed_finetune.py: the fine-tuning loop (g2d/pipeline/finetune/
 fit.py) on N ranks against the same loop in one process, on a train set smaller than the batch whose rows do
 not split evenly (5 rows over 2 ranks: shares of 3 and 2, weighted), through a batch norm over the global batch
 and with early stopping decided on rank 0. Prints one line per rank: rank, steps, best epoch, the largest
@@ -13,7 +13,7 @@ from torch import nn
 
 from g2d.config import Recipe
 from g2d.pipeline import distributed
-from g2d.pipeline.downstream import fit as loop
+from g2d.pipeline.finetune import fit as loop
 
 
 def main() -> None:

@@ -21,8 +21,10 @@ from g2d.config import Params, resolve_path
 from g2d.data import labelled
 from g2d.data import manifest as mf
 from g2d.data.tasks import TaskSpec
-from g2d.pipeline import encoders, metrics_files, runtime, similarity, zeroshot_tasks
+from g2d.pipeline import metrics_files, runtime
 from g2d.pipeline.downstream_metrics import accuracy_scores, auc_scores
+from g2d.pipeline.zeroshot import encoders, similarity
+from g2d.pipeline.zeroshot import tasks as zeroshot_tasks
 from g2d.progress import Reporter, silent
 
 

@@ -7,13 +7,13 @@ as `g2d-<task>` (a study variant's as `g2d-<task>-<variant>` under metrics/study
 
 The cells of one process share what does not change between them: the imports, the data (the whole train
 split, loaded once; each cell takes its rows) and, for a frozen encoder, its maps (computed once per image,
-g2d/pipeline/downstream/features.py). A cell run alone writes the same metrics file, byte for byte, as in a group.
+g2d/pipeline/finetune/features.py). A cell run alone writes the same metrics file, byte for byte, as in a group.
 Every input of every cell is checked (task, fractions, init, data) before a run is opened, so a bad input leaves
 neither a run nor a registered version behind.
 
 One process, or several under torchrun (`torchrun --nproc-per-node N --no-python g2d train ...`; DDP,
 g2d/pipeline/distributed.py): the task's batch size is the global batch, each rank trains on its share
-of every step's rows (g2d/pipeline/downstream/fit.py), so the steps and the result do not depend on the
+of every step's rows (g2d/pipeline/finetune/fit.py), so the steps and the result do not depend on the
 number of processes. Rank 0 alone loads val and test, validates, decides when to stop, scores the test
 split, writes the metrics file and figures, and logs and registers (one MLflow run per cell, tagged
 g2d.world_size); the other ranks train, wait at a barrier and return nothing. `compute` applies as in
@@ -35,10 +35,10 @@ from g2d.config import VARIANT_NAME, Params, resolve_path, to_dict
 from g2d.data import labelled, tasks
 from g2d.data import manifest as mf
 from g2d.errors import ConfigError
-from g2d.pipeline import distributed, initialisation, metrics_files, model_files, preflight, runtime
-from g2d.pipeline.downstream import classification, detection, features, segmentation
-from g2d.pipeline.downstream import fit as loop
-from g2d.pipeline.downstream.fit import Setup, TrainingError
+from g2d.pipeline import distributed, metrics_files, model_files, preflight, runtime
+from g2d.pipeline.finetune import classification, detection, features, initialisation, segmentation
+from g2d.pipeline.finetune import fit as loop
+from g2d.pipeline.finetune.fit import Setup, TrainingError
 from g2d.progress import Reporter, silent
 
 FAMILIES = {"segmentation": segmentation, "classification": classification, "detection": detection}
@@ -235,7 +235,7 @@ def _cell(params: Params, ctx, spec, family, start, cell: _Cell, data, views, ca
             "train_sha256": cell.train.sha256, "train_source": cell.train.source,
             "history": [[round(v, 6) if isinstance(v, float) else v for v in row] for row in result.history],
         }
-        if per_image:  # the study pairs two inits image by image (g2d/pipeline/study_stats.py)
+        if per_image:  # the study pairs two inits image by image (g2d/pipeline/study/stats.py)
             metrics["per_image"] = {"ids": list(data["test"].ids), **per_image}
         # test/score: the task's headline metric under one name for every task, so MLflow's compare view lines
         # up a Dice, a mAP and an AUC (which one: the g2d.metric tag); logged with the model (below)

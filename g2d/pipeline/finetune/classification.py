@@ -1,5 +1,5 @@
 """Linear probe (CheXpert, RSNA, COVIDx) by MGCA's protocol: one linear layer on the frozen encoder's pooled last
-map (computed once per image, g2d/pipeline/downstream/features.py), BCE per label (cross-entropy for one-of-K),
+map (computed once per image, g2d/pipeline/finetune/features.py), BCE per label (cross-entropy for one-of-K),
 scored by macro AUC or accuracy. Uncertain and missing labels (NaN) are left out of loss and metrics."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from g2d.config import Finetune
 from g2d.data.labelled import LabelledSplit
 from g2d.data.tasks import TaskSpec
 from g2d.model.transfer import LinearProbe
-from g2d.pipeline.downstream import features
-from g2d.pipeline.downstream import fit as loop
 from g2d.pipeline.downstream_metrics import accuracy_scores, auc_scores
+from g2d.pipeline.finetune import features
+from g2d.pipeline.finetune import fit as loop
 
 
 def wrap(unet: nn.Module, spec: TaskSpec, cfg: Finetune, config: dict) -> nn.Module:

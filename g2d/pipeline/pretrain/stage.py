@@ -28,11 +28,11 @@ from g2d.config import Params, dump_yaml, resolve_path, to_dict
 from g2d.data import manifest as mf
 from g2d.data.pairs import Collate, PairDataset, seed_worker
 from g2d.errors import DataError
-from g2d.pipeline import distributed, figures, model_files, preflight, pretrain_step, runtime
-from g2d.pipeline.pretrain_eval import embed_all, flat_quality, overall, pseudo_mask_quality, recall_at_k
+from g2d.pipeline import distributed, figures, model_files, preflight, runtime
+from g2d.pipeline.pretrain import step as pretrain_step
+from g2d.pipeline.pretrain.evaluation import embed_all, flat_quality, overall, pseudo_mask_quality, recall_at_k
+from g2d.pipeline.pretrain.paths import CHECKPOINT, paths
 from g2d.progress import Reporter, silent
-
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -41,17 +41,6 @@ class PretrainOutcome:
     metrics: dict
     run_id: str
     version: int
-
-
-def paths(params: Params) -> tuple[Path, Path, Path, Path]:
-    root = tracking.project_root()
-    data = (resolve_path(root, params.pretrain.dataset) if params.pretrain.dataset
-            else resolve_path(root, params.paths.synthcxr) / "pretrain")
-    name = params.pretrain.name
-    out = resolve_path(root, params.paths.models) / name
-    ckpt_dir = resolve_path(root, params.paths.models) / f"{name}-checkpoints"
-    metrics = resolve_path(root, params.paths.metrics) / f"{name}.json"
-    return data, out, ckpt_dir, metrics
 
 
 def lr_lambda(warmup: int, total: int):

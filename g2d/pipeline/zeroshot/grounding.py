@@ -1,7 +1,7 @@
 """The `ground` stage: `g2d ground --model M --task T` localises phrases without any box or mask
 supervision (paper Table 2b). The phrase's projected embedding is compared with every location of the
 image's projected last feature map; the upsampled cosine similarities are a heat map, scored against
-the phrase's own region (pipeline/grounding_metrics.py); pointing is also scored with only the body
+the phrase's own region (zeroshot/grounding_metrics.py); pointing is also scored with only the body
 (Otsu, as for the pseudo masks) competing, since a map's maximum can sit in the air at the border.
 
 A target is one (image, phrase, region): on SynthCXR every rendered finding with its phrase
@@ -35,8 +35,11 @@ from g2d.data import labelled
 from g2d.data import manifest as mf
 from g2d.errors import DataError
 from g2d.model.pseudo_mask import otsu_body_mask
-from g2d.pipeline import ablations, encoders, grounding_metrics, metrics_files, runtime, similarity, zeroshot_tasks
+from g2d.pipeline import metrics_files, runtime
 from g2d.pipeline.figures import grounding_grid
+from g2d.pipeline.pretrain import ablations
+from g2d.pipeline.zeroshot import encoders, grounding_metrics, similarity
+from g2d.pipeline.zeroshot import tasks as zeroshot_tasks
 from g2d.progress import Advance, Reporter, silent
 
 REPORTS = "reports/grounding"

@@ -12,7 +12,7 @@ from g2d.config import Params
 from g2d.data import importing
 from g2d.data import manifest as mf
 from g2d.errors import DataError
-from g2d.pipeline import import_sheet
+from g2d.pipeline.datasets import import_sheet
 from g2d.progress import Reporter, silent
 
 

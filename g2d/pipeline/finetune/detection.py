@@ -13,9 +13,9 @@ from g2d.config import Finetune
 from g2d.data.labelled import LabelledSplit
 from g2d.data.tasks import TaskSpec
 from g2d.model.transfer import build_detector
-from g2d.pipeline.downstream import features
-from g2d.pipeline.downstream import fit as loop
 from g2d.pipeline.downstream_metrics import mean_ap
+from g2d.pipeline.finetune import features
+from g2d.pipeline.finetune import fit as loop
 
 
 def wrap(unet: nn.Module, spec: TaskSpec, cfg: Finetune, config: dict) -> nn.Module:

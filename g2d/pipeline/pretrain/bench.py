@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from g2d.config import Compute, Model, Params
 from g2d.errors import DataError
-from g2d.pipeline import pretrain_step, runtime
+from g2d.pipeline import runtime
+from g2d.pipeline.pretrain import step as pretrain_step
 from g2d.progress import Reporter, silent
 
 # The paper's networks (§4), as params.paper.yaml has them: ResNet-50 U-Net (decoder widths 128..8: the paper
@@ -100,7 +101,7 @@ def run(params: Params, *, batch: int, steps: int, rounds: int, image_size: int,
         reporter: Reporter = silent) -> BenchResult:
     from g2d.data.pairs import Collate, PairDataset
     from g2d.model.towers import load_tokenizer
-    from g2d.pipeline.pretrain import paths
+    from g2d.pipeline.pretrain.paths import paths
 
     cfg = PAPER_MODEL if paper_model else params.model
     data_dir = paths(params)[0]

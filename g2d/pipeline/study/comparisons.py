@@ -3,8 +3,8 @@ confidence interval, every difference the paper claims tested paired over seeds 
 
 Inputs are the metrics files of the DVC stages: metrics/finetune (random vs global-only vs G2D at every
 label fraction and seed: Tables 1 and 4) and metrics/study (the pre-training ablations of Tables 5a, 5b / 5d /
-5f / 8 and 5e, and encoder + decoder transfer). The statistics are g2d/pipeline/study_stats.py; the paper's
-own numbers (g2d/pipeline/paper_numbers.py) are printed beside each table for the orderings only.
+5f / 8 and 5e, and encoder + decoder transfer). The statistics are g2d/pipeline/study/stats.py; the paper's
+own numbers (g2d/pipeline/study/paper_numbers.py) are printed beside each table for the orderings only.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import numpy as np
 from g2d.config import REFERENCE, TRANSFER_VARIANT, Params
 from g2d.data import tasks
 from g2d.errors import DataError
-from g2d.pipeline import ablations, grounding_compare, paper_numbers, study_stats
+from g2d.pipeline.pretrain import ablations
+from g2d.pipeline.study import grounding_compare, paper_numbers
+from g2d.pipeline.study import stats as study_stats
 
 METRIC_TITLES = {"dice": "Dice", "map": "mAP", "auc": "AUC", "accuracy": "ACC"}
 INIT_TITLES = {"random": "Random init", "global": "Global only (ConVIRT / CLIP-style)", "g2d": "G2D"}
@@ -341,7 +343,7 @@ def methods(params: Params, study: Study) -> list[str]:
         f"({len(study.variants)} runs). Every cell: test metric x 100, mean ± sd over the seeds {list(seeds)} "
         f"[{s.confidence:.0%} bootstrap interval of the mean, scipy BCa with {s.resamples} resamples]. With "
         f"{len(seeds)} seeds such an interval covers well under {s.confidence:.0%} (about 72% at 3 seeds: "
-        "g2d/pipeline/study_stats.py), so read it as a lower bound on the uncertainty.",
+        "g2d/pipeline/study/stats.py), so read it as a lower bound on the uncertainty.",
         "",
         "Differences are paired: the same seed for both rows, and for Dice the same test images (a two-way "
         "bootstrap over seeds and images). The p-value is a sign-flip test over seeds (exact up to 16 seeds, "

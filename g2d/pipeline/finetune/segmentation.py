@@ -18,9 +18,9 @@ from g2d.data.labelled import LabelledSplit
 from g2d.data.tasks import TaskSpec
 from g2d.model.losses import SegmentationLoss
 from g2d.model.transfer import SegmentationNet
-from g2d.pipeline.downstream import features
-from g2d.pipeline.downstream import fit as loop
 from g2d.pipeline.downstream_metrics import dice_per_image, segmentation_scores
+from g2d.pipeline.finetune import features
+from g2d.pipeline.finetune import fit as loop
 
 
 def wrap(unet: nn.Module, spec: TaskSpec, cfg: Finetune, config: dict) -> nn.Module:

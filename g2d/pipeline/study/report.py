@@ -2,7 +2,8 @@
 the paper's Table 1 (segmentation Dice and detection mAP) and Table 4 (linear classification), with the
 zero-shot classification and grounding results (`metrics/zeroshot`, `metrics/grounding`, Table 2) beside
 their chance levels, and the learning curves (test metric against label fraction, one line per init: the
-mean over seeds with its interval band, drawn by g2d/pipeline/study.py), as DVC plots and MLflow artifacts."""
+mean over seeds with its interval band, drawn by g2d/pipeline/study/comparisons.py), as DVC plots and MLflow
+artifacts."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from g2d import tracking
 from g2d.config import Params, resolve_path, to_dict
 from g2d.data import tasks
 from g2d.errors import DataError
-from g2d.pipeline import grounding_compare, study
-from g2d.pipeline.study import DICE_NOTE, INIT_TITLES, METRIC_TITLES
+from g2d.pipeline.study import comparisons, grounding_compare
+from g2d.pipeline.study.comparisons import DICE_NOTE, INIT_TITLES, METRIC_TITLES
 
 REPORTS = "reports"
 BASELINES_FIRST = ("random", "global", "g2d")  # the paper's tables: baselines on top, the method last
@@ -100,7 +101,7 @@ def _plain(v) -> str:
 
 def zeroshot_tables(zs: list[dict], gr: list[dict], models: list[str], paired: Sequence[str] = ()) -> list[str]:
     """Table 2: zero-shot classification (a) and grounding (b), one row per encoder plus chance; `paired`:
-    sentences comparing two encoders' grounding phrase by phrase (pipeline/grounding_compare.py)."""
+    sentences comparing two encoders' grounding phrase by phrase (study/grounding_compare.py)."""
     out = []
     if zs:
         task_names = _order({r["task"] for r in zs}, [])
@@ -270,11 +271,11 @@ def run(params: Params) -> ReportOutcome:
     paired = grounding_pairs(params, metrics / "grounding", models)
     md.write_text(markdown(rows, inits, others + extra, zeroshot_tables(zs_in, gr_in, models, paired)))
     csvs = curves(rows, inits, out / "curves")
-    studied = study.write(params, metrics, out)
+    studied = comparisons.write(params, metrics, out)
     with tracking.start_run("report", config=to_dict(params), uri=params.tracking.uri,
                             tags={"g2d.cells": str(len(rows))}) as tr:
         for path in (md, *csvs, studied.markdown, *studied.figures):
             tr.log_artifact(path, (Path("report") / path.parent.relative_to(out)).as_posix())  # as on disk
         tr.log_metrics({f"orderings/{k.replace(' ', '_').replace(':', '')}": v
-                        for k, v in study.tally(studied.checks).items()})
+                        for k, v in comparisons.tally(studied.checks).items()})
     return ReportOutcome(len(rows), md, studied.curves, tr.run_id, studied.markdown)

@@ -28,8 +28,8 @@ from g2d.config import Params
 from g2d.data import manifest as mf
 from g2d.data import tasks
 from g2d.errors import ConfigError, RegistryError
-from g2d.pipeline import study_stats
-from g2d.pipeline.finetune import frac_label
+from g2d.pipeline.finetune.stage import frac_label
+from g2d.pipeline.study import stats as study_stats
 
 CARD = Path("reports") / "model_card.md"
 

@@ -1,6 +1,6 @@
 """Does dense pre-training ground phrases better than global alignment alone? G2D against global-only on
 the pointing game, paired by phrase (every encoder is scored on the same test targets) and, where each was
-pre-trained with several seeds, by seed: the two-way bootstrap and sign-flip test of pipeline/study_stats.py.
+pre-trained with several seeds, by seed: the two-way bootstrap and sign-flip test of study/stats.py.
 
 With one pre-training seed per encoder (the main job) the interval is over phrases only: it says how sure
 the difference is for these two trained models on these phrases, not for another pre-training run; the
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from g2d.errors import DataError
-from g2d.pipeline import study_stats
+from g2d.pipeline.study import stats as study_stats
 
 SCORES = ("pointing", "pointing_body")  # the per-target hits `g2d ground` keeps
 

@@ -2,7 +2,7 @@
 
 `--model SPEC` is a name in `finetune.inits` (`g2d`, `global`), a model folder written by `g2d pretrain`
 or pulled with `g2d models pull`, or a registered encoder (`models:/g2d-encoder/latest`,
-`g2d-encoder@champion`). Fine-tuning only needs the U-Net part (pipeline/initialisation.py); these
+`g2d-encoder@champion`). Fine-tuning only needs the U-Net part (pipeline/finetune/initialisation.py); these
 uses need the text tower, the projections and the attention pooling as well.
 """
 
