@@ -39,6 +39,7 @@ from g2d.pipeline import distributed, metrics_files, model_files, preflight, run
 from g2d.pipeline.finetune import classification, detection, features, initialisation, segmentation
 from g2d.pipeline.finetune import fit as loop
 from g2d.pipeline.finetune.fit import Setup, TrainingError
+from g2d.pipeline.metrics_files import frac_label
 from g2d.progress import Reporter, silent
 
 FAMILIES = {"segmentation": segmentation, "classification": classification, "detection": detection}
@@ -53,26 +54,14 @@ class FinetuneOutcome:
     version: int
 
 
-def frac_label(frac: float) -> str:
-    """0.01 -> '0.01', 1 -> '1.0': the spelling DVC gives the matrix's fractions."""
-    return repr(float(frac))
-
-
 def registered_name(task: str, variant: str | None = None) -> str:
     return f"g2d-{task}" if variant is None else f"g2d-{task}-{variant}"
 
 
-def init_label(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "init"
-
-
 def metrics_path(params: Params, task: str, frac: float, init: str, seed: int, variant: str | None = None) -> Path:
-    """metrics/finetune/<task>/<init>/<task>_<frac>_<init>_seed<S>.json, a cell of the DVC stage of (task, init);
-    a study variant's run goes to metrics/study/<task>/<variant>/<task>_<frac>_<variant>_seed<S>.json instead."""
-    root = tracking.project_root()
-    folder, row = ("finetune", init_label(init)) if variant is None else ("study", init_label(variant))
-    name = f"{task}_{frac_label(frac)}_{row}_seed{seed}.json"
-    return resolve_path(root, params.paths.metrics) / folder / task / row / name
+    """The cell's metrics file in this project's metrics folder (named by metrics_files.cell_path)."""
+    metrics = resolve_path(tracking.project_root(), params.paths.metrics)
+    return metrics_files.cell_path(metrics, task, frac, init, seed, variant)
 
 
 def parse_frac(text: str | float) -> float:

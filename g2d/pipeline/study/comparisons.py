@@ -9,7 +9,6 @@ own numbers (g2d/pipeline/study/paper_numbers.py) are printed beside each table 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ import numpy as np
 
 from g2d.config import REFERENCE, TRANSFER_VARIANT, Params
 from g2d.data import tasks
-from g2d.errors import DataError
+from g2d.pipeline import metrics_files
+from g2d.pipeline.metrics_files import Result
 from g2d.pipeline.pretrain import ablations
 from g2d.pipeline.study import grounding_compare, paper_numbers
 from g2d.pipeline.study import stats as study_stats
@@ -29,60 +29,6 @@ INIT_TITLES = {"random": "Random init", "global": "Global only (ConVIRT / CLIP-s
 DICE_NOTE = ("Dice per image gives an image without a finding 1 when nothing is predicted, so a model that predicts "
              "nothing scores the share of such images (78% of SynthCXR's pneumothorax test images, SIIM-ACR's "
              "prevalence; half of its opacity set).")
-
-
-@dataclass(frozen=True)
-class Result:
-    """One fine-tuning run's metrics file."""
-
-    task: str
-    frac: float
-    row: str  # the init of a matrix run, the variant of a study run
-    seed: int
-    metric: str
-    score: float
-    ids: tuple[str, ...] | None  # test images, when per-image scores were saved
-    per_image: tuple[float, ...] | None
-    data_hash: str | None
-    fraction_sha256: str | None
-    file: str
-    dice_positive: float | None = None  # segmentation: Dice over the test images with a finding
-    empty_correct: float | None = None  # ... and the share of those without one predicted empty
-    dice_pooled: float | None = None  # ... and the foreground Dice of all test pixels at once
-
-
-def read_results(folder: Path, study: bool) -> list[Result]:
-    """Every metrics file of a folder named as the stages name them (<task>_<frac>_<row>_seed<S>.json; files of
-    older g2d versions, without a seed, are left to results.md's "other runs"); a file that is not a g2d
-    fine-tuning metrics file, or a second file of the same run, is an error naming it. Seeds outside
-    matrix.seeds and variants outside study.variants are read but left out of the tables; the Data table
-    counts every run read."""
-    out: list[Result] = []
-    seen: dict[tuple, str] = {}
-    for path in sorted(folder.rglob("*_seed*.json")) if folder.is_dir() else []:
-        try:
-            m = json.loads(path.read_text())
-            per = m.get("per_image") or {}
-            row = m["variant"] if study else m["init"]
-            if row is None:
-                raise KeyError("variant" if study else "init")
-            test = m.get("test") or {}
-            out.append(Result(m["task"], float(m["frac"]), row, int(m["seed"]), m["metric"],
-                              math.nan if m["score"] is None else float(m["score"]),
-                              tuple(per["ids"]) if "ids" in per else None,
-                              tuple(float(v) for v in per["dice"]) if "dice" in per else None,
-                              m.get("data_hash"), m.get("fraction_sha256"), path.name,
-                              test.get("dice_positive"), test.get("empty_correct"), test.get("dice_pooled")))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}: not a g2d fine-tuning metrics file ({type(e).__name__}: {e}); delete it or "
-                            "re-run its stage (`dvc repro`)") from None
-        r = out[-1]
-        key = (r.task, r.frac, r.row, r.seed)
-        if key in seen:
-            raise DataError(f"{path}: the same run ({r.task}, {r.frac:g} of the labels, {r.row}, seed {r.seed}) as "
-                            f"{seen[key]}; keep one of the two files")
-        seen[key] = path.name
-    return out
 
 
 @dataclass(frozen=True)
@@ -186,7 +132,7 @@ class Study:
         """The cell's per-seed values x 100 (seed order), NaN and missing left out; `key` another field of the
         runs (dice_positive, empty_correct)."""
         runs = self.runs(row, task, frac)
-        return [100 * v for _, r in sorted(runs.items()) if (v := getattr(r, key)) is not None and not math.isnan(v)]
+        return [100 * v for v in metrics_files.defined(getattr(r, key) for _, r in sorted(runs.items()))]
 
     def summary(self, row: Row, task: str, frac: float) -> study_stats.Summary | None:
         values = self.values(row, task, frac)
@@ -498,7 +444,8 @@ class StudyOutcome:
 
 def write(params: Params, metrics: Path, out: Path) -> StudyOutcome:
     """reports/study.md and its figures (reports/study/) from the metrics files."""
-    study = Study(params, read_results(metrics / "finetune", study=False), read_results(metrics / "study", study=True))
+    study = Study(params, metrics_files.read_results(metrics / "finetune", study=False),
+                  metrics_files.read_results(metrics / "study", study=True))
     figures_dir = out / "study"
     figures_dir.mkdir(parents=True, exist_ok=True)
     lines = methods(params, study)

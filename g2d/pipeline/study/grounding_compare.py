@@ -10,13 +10,13 @@ Reads the `per_target` records of `g2d ground` (metrics/grounding, metrics/ablat
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from g2d.errors import DataError
+from g2d.pipeline import metrics_files
 from g2d.pipeline.study import stats as study_stats
 
 SCORES = ("pointing", "pointing_body")  # the per-target hits `g2d ground` keeps
@@ -39,23 +39,24 @@ class Grounded:
 def read(folder: Path) -> tuple[list[Grounded], list[Path]]:
     """The grounding metrics files of `folder` with per-target hits, and those without (older g2d versions)."""
     found, without = [], []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            m = json.loads(path.read_text())
-            per = m.get("per_target")
-            if per is None:
-                without.append(path)
-                continue
-            ids = tuple(per["id"])
-            hits = {k: np.asarray(per[k], dtype=np.float64) for k in SCORES}
-            if any(len(v) != len(ids) for v in hits.values()):
-                raise ValueError(f"per_target has {len(ids)} ids but {[len(v) for v in hits.values()]} hits")
-            found.append(Grounded(path, m["task"], m["model"], m.get("variant"), m.get("model_seed"), ids, hits,
-                                  dict(m["test"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}: not a g2d grounding metrics file ({type(e).__name__}: {e}); delete it or "
-                            "re-run its stage (g2d ground)") from None
+    for path in metrics_files.files(folder):
+        run = metrics_files.parse(path, "grounding", lambda m, path=path: _grounded(m, path), "its stage (g2d ground)")
+        if run is None:
+            without.append(path)
+        else:
+            found.append(run)
     return found, without
+
+
+def _grounded(m: dict, path: Path) -> Grounded | None:
+    per = m.get("per_target")
+    if per is None:
+        return None
+    ids = tuple(per["id"])
+    hits = {k: np.asarray(per[k], dtype=np.float64) for k in SCORES}
+    if any(len(v) != len(ids) for v in hits.values()):
+        raise ValueError(f"per_target has {len(ids)} ids but {[len(v) for v in hits.values()]} hits")
+    return Grounded(path, m["task"], m["model"], m.get("variant"), m.get("model_seed"), ids, hits, dict(m["test"]))
 
 
 def by_seed(runs: list[Grounded], what: str) -> dict[int, Grounded]:

@@ -28,7 +28,8 @@ from g2d.config import Params
 from g2d.data import manifest as mf
 from g2d.data import tasks
 from g2d.errors import ConfigError, RegistryError
-from g2d.pipeline.finetune.stage import frac_label
+from g2d.pipeline import metrics_files
+from g2d.pipeline.metrics_files import frac_label
 from g2d.pipeline.study import stats as study_stats
 
 CARD = Path("reports") / "model_card.md"
@@ -42,7 +43,8 @@ class Candidate:
 
     @property
     def mean(self) -> float:
-        return sum(self.scores.values()) / len(self.scores) if self.scores else math.nan
+        mean = metrics_files.seed_mean(self.scores.values())
+        return math.nan if mean is None else mean
 
 
 @dataclass

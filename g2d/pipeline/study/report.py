@@ -7,7 +7,6 @@ artifacts."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from g2d import tracking
 from g2d.config import Params, resolve_path, to_dict
 from g2d.data import tasks
 from g2d.errors import DataError
+from g2d.pipeline import metrics_files
 from g2d.pipeline.study import comparisons, grounding_compare
 from g2d.pipeline.study.comparisons import DICE_NOTE, INIT_TITLES, METRIC_TITLES
 
@@ -31,22 +31,6 @@ class ReportOutcome:
     figure: Path | None  # the learning curves
     run_id: str
     study: Path
-
-
-def collect(folder: Path) -> list[dict]:
-    rows = []
-    for path in sorted(folder.rglob("*.json")):
-        try:
-            m = json.loads(path.read_text())
-            rows.append({"task": m["task"], "frac": float(m["frac"]), "init": m["init"], "metric": m["metric"],
-                         "score": m["score"], "train_images": m["train_images"], "seed": m.get("seed"),
-                         "dice_positive": (m.get("test") or {}).get("dice_positive"),
-                         "dice_pooled": (m.get("test") or {}).get("dice_pooled"),
-                         "file": path.name})
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}: not a g2d fine-tuning metrics file ({type(e).__name__}: {e}); delete it or "
-                            "re-run its finetune stage") from None
-    return rows
 
 
 def _order(values, preferred) -> list:
@@ -79,20 +63,6 @@ def table(rows: list[dict], task_names: list[str], inits: list[str], fracs: list
                 cells.append(f"**{text}**" if v is not None and v == best[t, f] and len(inits) > 1 else text)
         lines.append(f"| {INIT_TITLES.get(i, i)} | " + " | ".join(cells) + " |")
     return lines
-
-
-def collect_zeroshot(folder: Path) -> list[dict]:
-    """metrics/zeroshot or metrics/grounding files: task, model and the test scores of each."""
-    rows = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            m = json.loads(path.read_text())
-            rows.append({"task": m["task"], "model": m["model"], "test": dict(m["test"]), "file": path.name,
-                         "metric": m.get("metric"), "score": m.get("score")})
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}: not a g2d zero-shot / grounding metrics file ({type(e).__name__}: {e}); "
-                            "delete it or re-run its stage") from None
-    return rows
 
 
 def _plain(v) -> str:
@@ -166,28 +136,24 @@ def grounding_pairs(params: Params, folder: Path, models: list[str]) -> list[str
             for score in grounding_compare.SCORES]
 
 
-def in_matrix(row: dict, params: Params) -> bool:
+def in_matrix(run: metrics_files.Result, params: Params) -> bool:
     m = params.matrix
-    return (row["task"] in m.tasks and row["frac"] in m.fractions and row["init"] in m.inits
-            and row.get("seed") in m.seeds and "_seed" in row["file"])
+    return (run.task in m.tasks and run.frac in m.fractions and run.row in m.inits and run.seed in m.seeds
+            and "_seed" in run.file)
 
 
-def mean_over_seeds(rows: list[dict]) -> list[dict]:
+def mean_over_seeds(runs: list[metrics_files.Result]) -> list[dict]:
     """One row per task x fraction x init: the mean of its seeds' scores (reports/study.md has the spread)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["frac"], r["init"]), []).append(r)
-
-    def mean(values):
-        values = [v for v in values if v is not None and not math.isnan(v)]
-        return sum(values) / len(values) if values else None
-
-    return [{**mine[0], "score": mean(r["score"] for r in mine), "seeds": len(mine),
-             "dice_positive": mean(r["dice_positive"] for r in mine),
-             "dice_pooled": mean(r.get("dice_pooled") for r in mine)} for mine in groups.values()]
+    groups: dict[tuple, list[metrics_files.Result]] = {}
+    for r in runs:
+        groups.setdefault((r.task, r.frac, r.row), []).append(r)
+    mean = metrics_files.seed_mean
+    return [{"task": task, "frac": frac, "init": init, "score": mean(r.score for r in mine), "seeds": len(mine),
+             "dice_positive": mean(r.dice_positive for r in mine), "dice_pooled": mean(r.dice_pooled for r in mine)}
+            for (task, frac, init), mine in groups.items()]
 
 
-def markdown(rows: list[dict], inits: list[str], others: list[dict] = (), zeroshot: list[str] = ()) -> str:
+def markdown(rows: list[dict], inits: list[str], others: list = (), zeroshot: list[str] = ()) -> str:
     present = {r["task"] for r in rows}
     fracs = sorted({r["frac"] for r in rows})
     inits = _order({r["init"] for r in rows}, inits)
@@ -223,8 +189,8 @@ def markdown(rows: list[dict], inits: list[str], others: list[dict] = (), zerosh
             "torchvision's RetinaNet with an FPN on the same encoder.", ""]
     if others:
         out += ["## Other runs in metrics/ (outside params.matrix, not in the tables)", ""]
-        out += [f"- `{r['file']}`: {r['task']} {r['frac']:g} init {r['init']} seed {r['seed']}: {r['metric']} "
-                f"{_cell(r['score'])}" if "frac" in r else
+        out += [f"- `{r.file}`: {r.task} {r.frac:g} init {r.row} seed {r.seed}: {r.metric} "
+                f"{_cell(r.score)}" if isinstance(r, metrics_files.Result) else
                 f"- `{r['file']}`: {r['task']}, model {r['model']}: {r['metric'] or 'pointing'} "
                 f"{_cell(r['score'] if r['metric'] else r['test'].get('pointing'))}" for r in others] + [""]
     return "\n".join(out)
@@ -250,7 +216,7 @@ def curves(rows: list[dict], inits: list[str], out_dir: Path) -> list[Path]:
 def run(params: Params) -> ReportOutcome:
     root = tracking.project_root()
     source = resolve_path(root, params.paths.metrics) / "finetune"
-    found = collect(source) if source.is_dir() else []
+    found = metrics_files.read_cells(source)
     rows = mean_over_seeds([r for r in found if in_matrix(r, params)])
     others = [r for r in found if not in_matrix(r, params)]
     if not rows:
@@ -264,7 +230,8 @@ def run(params: Params) -> ReportOutcome:
     metrics = resolve_path(root, params.paths.metrics)
     models = [m for m in BASELINES_FIRST if m in params.matrix.encoders] + [
         m for m in params.matrix.encoders if m not in BASELINES_FIRST]
-    zs, gr = collect_zeroshot(metrics / "zeroshot"), collect_zeroshot(metrics / "grounding")
+    zs, gr = metrics_files.read_encoder_results(metrics / "zeroshot"), metrics_files.read_encoder_results(
+        metrics / "grounding")
     zs_in = [r for r in zs if r["model"] in models and r["task"] == params.zeroshot.task]
     gr_in = [r for r in gr if r["model"] in models and r["task"] == params.zeroshot.grounding.task]
     extra = [r for r in zs + gr if r not in zs_in and r not in gr_in]
