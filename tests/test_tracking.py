@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -126,6 +127,9 @@ def test_run_records_provenance_params_and_config(mlflow_uri: str, project_dir: 
     assert tags["g2d.data_hash"] == "d" * 64
     assert tags["extra"] == "1" and tags["note"] == "hello"
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"]
+    # where it ran, so a rerun's drift on another machine is told from a change
+    assert f"{os.cpu_count()} cpus" in tags["g2d.machine"]
+    assert f"torch=={importlib.metadata.version('torch')}" in tags["g2d.packages"].split()
     params = got.data.params
     assert params["model.dim"] == "128"
     assert params["model.layers"] == "[1, 2, 3]"
