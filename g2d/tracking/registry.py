@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from g2d.errors import RegistryError, TrackingError
-from g2d.tracking.runs import Run
+from g2d.tracking.runs import Run, pinned_requirements
 from g2d.tracking.store import (
     _already_exists,
     _client,
@@ -326,22 +326,6 @@ def _example_png() -> bytes:
     ramp = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8) * 2
     Image.fromarray(ramp).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def pinned_requirements() -> list[str]:
-    """g2d's dependencies at the versions installed here (g2d itself is installed from its repository)."""
-    from importlib.metadata import PackageNotFoundError, requires, version
-
-    out = []
-    for spec in requires("g2d") or []:
-        if "extra ==" in spec:
-            continue
-        name = re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0]
-        try:
-            out.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            out.append(spec.split(";")[0].strip())
-    return out
 
 
 def model_folder(downloaded: Path) -> Path:

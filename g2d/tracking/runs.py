@@ -96,8 +96,20 @@ def _user() -> str:
         return "unknown"
 
 
-# the packages whose kernels and builds decide a run's rounding (read from metadata: nothing is imported)
-_NUMERIC_PACKAGES = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "transformers", "monai", "numpy")
+def pinned_requirements() -> list[str]:
+    """g2d's dependencies at the versions installed here (g2d itself is installed from its repository)."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    out = []
+    for spec in requires("g2d") or []:
+        if "extra ==" in spec:
+            continue
+        name = re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0]
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(spec.split(";")[0].strip())
+    return out
 
 
 def _machine() -> dict[str, str]:
@@ -105,7 +117,6 @@ def _machine() -> dict[str, str]:
     torch (measured: two machines' pre-trainings of one commit ended 3.0x and 6.1x chance in pointing), so a
     run records both to tell a rerun's drift from a change."""
     import platform
-    from importlib import metadata
 
     info: dict[str, str] = {}
     try:  # Linux; the first core's lines
@@ -117,14 +128,8 @@ def _machine() -> dict[str, str]:
     cpu = info.get("model name") or platform.processor() or platform.machine()
     have = set(info.get("flags", "").split())
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have)
-    versions = []
-    for name in _NUMERIC_PACKAGES:
-        try:
-            versions.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
     return {"g2d.machine": f"{cpu}; {os.cpu_count()} cpus" + (f"; {flags}" if flags else ""),
-            "g2d.packages": " ".join(versions)}
+            "g2d.packages": " ".join(pinned_requirements())}
 
 
 def _run_name(job: str) -> str:
