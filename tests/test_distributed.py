@@ -70,10 +70,13 @@ def test_two_ranks_train_like_one_rank_with_the_same_global_batch(project, monke
 
     two_curve, one_curve = _losses(uri, "two-ranks"), _losses(uri, "one-rank")
     assert len(one_curve["loss/total"]) == 4 and len(two_curve["loss/total"]) == 4  # the same number of steps
-    # the same curve up to rounding, which Adam's sign-like first steps and the thresholded pseudo mask
-    # amplify to ~1e-3 in 4 steps (measured); a wrong batch or gradient would be off by far more
+    # the same curve up to rounding, which Adam's sign-like first steps and the thresholded pseudo mask grow
+    # ~10x a step: one process alone with 1 vs 2 threads differs by 2e-6, 1e-4, 2e-3, 1.4e-2 over its 4 steps
+    # (measured, loss/global, 2026-12-05). So the first two steps are held tight, where a wrong batch, shard or
+    # gradient shows at once (the exact gradient check is the test above), and the last two to rounding's size.
     for key in one_curve:
-        assert two_curve[key] == pytest.approx(one_curve[key], rel=1e-2), key
+        assert two_curve[key][:2] == pytest.approx(one_curve[key][:2], rel=1e-3), key
+        assert two_curve[key][2:] == pytest.approx(one_curve[key][2:], rel=5e-2), key
     assert one_curve["loss/dense"][0] == 0 and min(one_curve["loss/dense"][1:]) > 0.1  # warm-up, then dense
     a = load_file(one.model_dir / "model.safetensors")
     b = load_file(project / "models" / "two-ranks" / "model.safetensors")

@@ -101,18 +101,36 @@ class LinearProbe(_KeepsFrozenEval):
         return self.classify(self.features(images))
 
 
+def _p6p7_in_fp32(channels: int) -> nn.Module:
+    """torchvision's RetinaNet P6 / P7 block, computed in fp32 whatever the autocast. Its stride-2 3 x 3 convs
+    see a 1 x 1 map at 64 px images (P6 at 32 px), and there oneDNN 3.12's AMX bf16 weight-gradient kernel
+    (brgconv_bwd_w) returns garbage for the padding taps, up to 3e38 or NaN (measured: 60 of 200 draws; exact
+    in fp32 and on 2 x 2 maps). The maps are a few pixels, so fp32 costs nothing."""
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    class P6P7(LastLevelP6P7):
+        def forward(self, p, c, names):
+            x = (p[-1] if self.use_P5 else c[-1]).float()
+            with torch.autocast(x.device.type, enabled=False):
+                p6 = self.p6(x)
+                p7 = self.p7(torch.relu(p6))
+            return [*p, p6, p7], [*names, "p6", "p7"]
+
+    return P6P7(channels, channels)
+
+
 class EncoderFPN(_KeepsFrozenEval):
     """Any smp encoder as a torchvision detection backbone: its stride 8 / 16 / 32 maps through an FPN,
     plus P6 / P7 as RetinaNet expects."""
 
     def __init__(self, encoder: nn.Module, out_channels: int, freeze_encoder: bool) -> None:
-        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
         super().__init__()
         self.encoder = freeze(encoder) if freeze_encoder else encoder
         self._frozen = ("encoder",) if freeze_encoder else ()
         self.fpn = FeaturePyramidNetwork(list(encoder.out_channels[-3:]), out_channels,
-                                         extra_blocks=LastLevelP6P7(out_channels, out_channels))
+                                         extra_blocks=_p6p7_in_fp32(out_channels))
         self.out_channels = out_channels
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
