@@ -353,7 +353,9 @@ def test_a_non_finite_loss_stops_with_the_step_ids_and_a_debug_checkpoint(projec
     assert _store(project) == (["FAILED"], [])
 
 
-def test_a_non_finite_fine_tuning_loss_names_the_images_and_writes_a_debug_checkpoint(project, monkeypatch):
+@pytest.mark.parametrize(("task", "targets"), [("siim-seg", "masks"), ("rsna-det", "boxes")])
+def test_a_non_finite_fine_tuning_loss_names_the_images_and_writes_a_debug_checkpoint(project, monkeypatch, task,
+                                                                                        targets):
     from g2d.pipeline import distributed
 
     real, calls = distributed.mean, {"n": 0}
@@ -366,13 +368,13 @@ def test_a_non_finite_fine_tuning_loss_names_the_images_and_writes_a_debug_check
         return real(ctx, values)
 
     monkeypatch.setattr(distributed, "mean", nan_at_step_2)
-    line = _one_line_error(CliRunner().invoke(app, ["train", "--task", "siim-seg", "--init", "random", "--frac", "1"]))
-    [debug] = (project / "models" / "debug").glob("*.pt")
-    assert debug.name == "siim-seg_1.0_random_seed42-nonfinite-step000002.pt"
+    line = _one_line_error(CliRunner().invoke(app, ["train", "--task", task, "--init", "random", "--frac", "1"]))
+    [debug] = (project / "models" / "debug").glob(f"{task}_*.pt")
+    assert debug.name == f"{task}_1.0_random_seed42-nonfinite-step000002.pt"
     saved = torch.load(debug, weights_only=True)
     assert f"fine-tuning loss is not finite at step 2; the batch's images: {', '.join(saved['ids'])}; debug " in line
     assert str(debug) in line and saved["step"] == 2 and "model" in saved
-    assert saved["batch"]["images"].shape[0] == len(saved["ids"]) > 0 and "masks" in saved["batch"]
+    assert saved["batch"]["images"].shape[0] == len(saved["ids"]) == len(saved["batch"][targets]) > 0
     assert _store(project) == (["FAILED"], [])
 
 

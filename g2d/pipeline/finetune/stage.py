@@ -261,6 +261,9 @@ def _non_finite(error: runtime.NonFiniteLoss, net, train, params: Params, out_pa
         rows = torch.tensor(error.rows)
         batch = {k: v[rows].cpu() for k, v in (("images", train.images), ("masks", train.masks),
                                                  ("labels", train.labels)) if v is not None}
+        for key in ("boxes", "box_labels"):  # detection: per-image lists, what the step's targets were made of
+            if getattr(train, key) is not None:
+                batch[key] = [getattr(train, key)[i].cpu() for i in error.rows]
         runtime.save_checkpoint(path, {"model": net.state_dict(), "step": error.step, "ids": ids, "batch": batch})
     raise runtime.NonFiniteLoss(
         f"fine-tuning loss is not finite at step {error.step}; the batch's images: {', '.join(ids)}; debug checkpoint "
