@@ -566,3 +566,26 @@ def test_a_fresh_segmentation_head_starts_predicting_no_finding(project):
         probs = torch.sigmoid(net(torch.rand(2, 1, 64, 64)))
     assert torch.sigmoid(net.unet.segmentation_head[0].bias).item() == pytest.approx(0.01)
     assert (probs < 0.5).float().mean() > 0.9  # nothing above the Dice threshold at the start
+
+
+def test_the_convergence_benchmark_against_a_rerun_here_at_the_same_budget_moves_nothing(project, monkeypatch,
+                                                                                          tmp_path):
+    """`benchmarks/convergence.py --baseline here` trains the default budget and the changed one on this machine:
+    with nothing changed (`--factor 1`) the two agree to the last digit, so a move it reports is the change's.
+    Its runs go to a throwaway store, not the project's."""
+    import runpy
+    import sys
+
+    before = runs(project)
+    out = tmp_path / "convergence.json"
+    monkeypatch.setattr(sys, "argv", ["convergence.py", "--task", "chexpert-cls", "--params",
+                                      str(project / "params.yaml"), "--inits", "random", "--fracs", "0.5", "1.0",
+                                      "--baseline", "here", "--factor", "1", "--json", str(out)])
+    runpy.run_path(str(ROOT / "benchmarks" / "convergence.py"), run_name="__main__")
+    rows = json.loads(out.read_text())
+    assert [(r["frac"], r["init"]) for r in rows] == [(0.5, "random"), (1.0, "random")]
+    for r in rows:
+        assert r["scores"] == r["scores_2x"] and r["move"] == 0 and r["holds"]
+        assert r["epochs"] == r["epochs_2x"] and len(r["scores"]) == len(params(project).matrix.seeds)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / f'mlflow-{tmp_path.name}.db'}")
+    assert runs(project) == before
