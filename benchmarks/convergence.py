@@ -30,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-RECIPE_KEYS = ("batch_size", "epochs", "lr", "weight_decay", "patience")
+RECIPE_KEYS = ("batch_size", "epochs", "epoch_length", "lr", "weight_decay", "patience")
+BEFORE_EPOCH_LENGTH = {"epoch_length": "pass"}  # metrics files written before the option were one-pass epochs
 
 
 def committed(folder: Path, task: str, frac: float, init: str, seeds: list[int]) -> dict[int, dict]:
@@ -100,7 +101,7 @@ def main() -> None:
                 before = {f: committed(folder, spec.name, f, init, seeds) for f in args.fracs}
                 for frac, cells in before.items():
                     for seed, m in cells.items():
-                        made = {k: m.get("recipe", {}).get(k) for k in RECIPE_KEYS}
+                        made = {k: {**BEFORE_EPOCH_LENGTH, **m.get("recipe", {})}.get(k) for k in RECIPE_KEYS}
                         if made != now:
                             sys.exit(f"convergence: {spec.name} {frac:.0%} {init} seed {seed} was trained with "
                                      f"{made}, params say {now}; rerun `dvc repro` first so the committed run is "

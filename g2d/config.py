@@ -230,10 +230,15 @@ SegmentationTask = Literal["siim-seg", "rsna-seg"]  # the tasks a U-Net decoder 
 class Recipe(Strict):
     """MGCA's downstream recipe, which G2D follows: AdamW at a constant rate for at most `epochs` passes over the train
     set (the same for every label fraction, so the number of steps grows with the data), validated after every
-    epoch, stopped after `patience` epochs without a better `monitor`; the weights of the best epoch are tested."""
+    epoch, stopped after `patience` epochs without a better `monitor`; the weights of the best epoch are tested.
+    `epoch_length: full-set` makes the budget one of steps instead, the same for every fraction."""
 
     batch_size: int = Field(8, ge=1)
     epochs: int = Field(50, ge=1, description="at most; the same for every label fraction")
+    epoch_length: Literal["pass", "full-set"] = Field(
+        "pass", description="pass: an epoch is one pass over the cell's train images (MGCA's; a 1% cell takes 1/100 "
+        "of the 100% cell's steps); full-set: as many steps as one pass over the whole train split, the cell's "
+        "images passed over again in fresh orders (every label fraction gets the 100% cell's steps per epoch)")
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     patience: int = Field(10, ge=1, description="epochs without a better monitored value before stopping")

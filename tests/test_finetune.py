@@ -192,6 +192,17 @@ def test_a_study_variant_is_written_and_registered_apart(project):
     assert len(dice) == out.metrics["test_images"]
     assert sum(dice) / len(dice) == pytest.approx(out.metrics["score"], abs=1e-6)  # stored to 6 decimals
 
+def test_a_full_set_epoch_gives_a_small_fraction_the_whole_cells_steps(project):
+    """`finetune.detection.epoch_length: full-set` through the stage: the 20% cell trains as many steps per epoch as
+    the 100% one, on a fifth of the images, and says how its epochs were made."""
+    p = params(project, "finetune.detection.epoch_length=full-set", "finetune.detection.patience=5")
+    small, whole = finetune.run_cells(p, "rsna-det", [0.2, 1.0], "random", [42])
+    assert small.metrics["train_images"] < whole.metrics["train_images"] / 2
+    per_epoch = [o.metrics["steps"] / o.metrics["epochs"] for o in (small, whole)]
+    assert per_epoch[0] == per_epoch[1] == loop.steps_per_epoch(whole.metrics["train_images"], 4)
+    assert small.metrics["recipe"]["epoch_length"] == "full-set"
+
+
 @pytest.mark.parametrize("task", ["siim-seg", "rsna-det", "chexpert-cls"])
 def test_bf16_cells_score_in_fp32_and_evaluate_agrees(project, task):
     """`compute.precision: auto` trains in bf16 on CPUs with bf16 instructions: scores, boxes and the probe stay
@@ -443,6 +454,39 @@ def test_steps_grow_with_the_train_set():
     batches = loop.epoch_batches(17, 8, torch.Generator().manual_seed(0))
     assert [len(b) for b in batches] == [8, 8, 1] and sorted(torch.cat(batches).tolist()) == list(range(17))
     assert [len(b) for b in loop.epoch_batches(17, 8, torch.Generator().manual_seed(0), world=2)] == [8, 9]
+
+
+def test_a_full_set_epoch_gives_every_fraction_the_steps_of_the_whole_train_split():
+    """`epoch_length: full-set`: a 1% or 10% cell passes over its images again, in fresh orders, until its epoch
+    has as many rows as the train split (so its budget is the 100% cell's in steps); a 100% cell is unchanged."""
+    from g2d.config import Recipe
+
+    recipe = Recipe(batch_size=8, epochs=3, patience=10, epoch_length="full-set")
+    model = torch.nn.Linear(1, 1)
+    seen: list[torch.Tensor] = []
+
+    def steps(n: int, split: int) -> int:
+        x = torch.randn(n, 1)
+        seen.clear()
+
+        def step_loss(idx, epoch):
+            seen.append(idx)
+            return model(x[idx]).pow(2).mean()
+
+        return loop.fit(model, n, recipe, 0, step_loss, lambda: {"loss": 1.0, "score": 0.0},
+                        rows=loop.epoch_rows(recipe, split)).steps
+
+    assert [steps(n, 700) for n in (7, 700, 70)] == [264, 264, 264]
+    per_epoch = torch.cat(seen[:88])  # a 700-row epoch of the 70-image cell: each image 10 times, in 10 orders
+    assert torch.bincount(per_epoch, minlength=70).tolist() == [10] * 70
+    passes = [per_epoch[i:i + 70] for i in range(0, 700, 70)]
+    assert all(sorted(p.tolist()) == list(range(70)) for p in passes) and not torch.equal(passes[0], passes[1])
+    one_pass = loop.epoch_batches(700, 8, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(one_pass, loop.epoch_batches(
+        700, 8, torch.Generator().manual_seed(0), rows=700), strict=True))  # the 100% cell: as before
+    cut = loop.epoch_batches(7, 8, torch.Generator().manual_seed(0), rows=20)  # 20 rows: 3 passes, cut at 20
+    assert [len(b) for b in cut] == [8, 8, 4]
+    assert loop.epoch_rows(Recipe(), 700) == 0  # the default, MGCA's: one pass
 
 
 def test_cached_maps_equal_the_frozen_encoder_output(project):

@@ -50,8 +50,9 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, spec: TaskSpec) -> dict:
 
 
 def fit(net: LinearProbe, inputs: features.Inputs, rows: torch.Tensor, spec: TaskSpec, cfg: Finetune, seed: int,
-        advance, log, setup: loop.Setup = loop.SINGLE) -> loop.FitResult:
-    """Train on the rows `rows` of the train split. `inputs.val` is needed on rank 0 only."""
+        advance, log, setup: loop.Setup = loop.SINGLE, epoch_rows: int = 0) -> loop.FitResult:
+    """Train on the rows `rows` of the train split, an epoch covering at least `epoch_rows` (loop.epoch_rows).
+    `inputs.val` is needed on rank 0 only."""
     train = inputs.views[0]
     [pooled] = inputs.maps[0](rows)  # the frozen encoder's pooled maps of the cell's rows
     if cfg.probe.standardise and len(rows) > 1:  # one image has no spread to standardise by
@@ -69,7 +70,7 @@ def fit(net: LinearProbe, inputs: features.Inputs, rows: torch.Tensor, spec: Tas
         return {"loss": float(_loss(logits, inputs.val.labels, spec.multiclass)),
                 "score": scores(logits, inputs.val.labels, spec)[spec.metric]}
 
-    return loop.fit(net, len(rows), cfg.probe, seed, step_loss, validate, advance, log, setup)
+    return loop.fit(net, len(rows), cfg.probe, seed, step_loss, validate, advance, log, setup, epoch_rows)
 
 
 @torch.no_grad()

@@ -43,8 +43,9 @@ def _targets(split: LabelledSplit, idx: list[int]) -> list[dict]:
 
 
 def fit(net: nn.Module, inputs: features.Inputs, rows: torch.Tensor, spec: TaskSpec, cfg: Finetune, seed: int,
-        advance, log, setup: loop.Setup = loop.SINGLE) -> loop.FitResult:
-    """Train on the rows `rows` of the train split. `inputs.val` is needed on rank 0 only."""
+        advance, log, setup: loop.Setup = loop.SINGLE, epoch_rows: int = 0) -> loop.FitResult:
+    """Train on the rows `rows` of the train split, an epoch covering at least `epoch_rows` (loop.epoch_rows).
+    `inputs.val` is needed on rank 0 only."""
     train = inputs.views[0]
     # every trainable parameter is reached every step: a share without any box still runs the box-regression
     # loss (over no anchors: a zero gradient, not none), checked with 2 ranks on shares of 2 images
@@ -64,7 +65,7 @@ def fit(net: nn.Module, inputs: features.Inputs, rows: torch.Tensor, spec: TaskS
         return {"loss": loss / len(val), "score": mean_ap(found, val.boxes, val.box_labels, spec.labels,
                                                            cfg.detection.detections_per_image)["map"]}
 
-    return loop.fit(net, len(rows), cfg.detection, seed, step_loss, validate, advance, log, setup)
+    return loop.fit(net, len(rows), cfg.detection, seed, step_loss, validate, advance, log, setup, epoch_rows)
 
 
 def _maps(net: nn.Module, split: LabelledSplit, maps: features.Encoded | None, rows: torch.Tensor):

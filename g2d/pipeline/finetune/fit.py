@@ -69,18 +69,26 @@ class Setup:
 SINGLE = Setup()  # one process on the CPU in fp32: what the loop did before torchrun and `compute`
 
 
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator, world: int = 1) -> list[torch.Tensor]:
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, world: int = 1,
+                  rows: int = 0) -> list[torch.Tensor]:
     """One epoch: a seeded permutation of the n rows cut into batches; the last may be smaller, and one with
-    fewer rows than processes joins the batch before it."""
-    order = torch.randperm(n, generator=generator)
+    fewer rows than processes joins the batch before it. With `rows` > n the epoch covers that many rows:
+    fresh permutations one after another (as torch's RandomSampler with num_samples), cut where `rows` ends."""
+    passes = max(1, math.ceil(rows / n))
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])[:max(n, rows)]
     cuts = list(order.split(batch_size))
     if len(cuts) > 1 and len(cuts[-1]) < world:
         cuts[-2:] = [torch.cat(cuts[-2:])]
     return cuts
 
 
-def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
-    return len(epoch_batches(n, batch_size, torch.Generator().manual_seed(0), world))
+def steps_per_epoch(n: int, batch_size: int, world: int = 1, rows: int = 0) -> int:
+    return len(epoch_batches(n, batch_size, torch.Generator().manual_seed(0), world, rows))
+
+
+def epoch_rows(recipe: Recipe, n_split: int) -> int:
+    """The rows an epoch covers at least: none beyond one pass (`pass`), or the whole train split's (`full-set`)."""
+    return n_split if recipe.epoch_length == "full-set" else 0
 
 
 def _better(value: float, best: float, monitor: str) -> bool:
@@ -92,8 +100,9 @@ def _better(value: float, best: float, monitor: str) -> bool:
 def fit(model: nn.Module, n_train: int, recipe: Recipe, seed: int,
         step_loss: Callable[[torch.Tensor, int], torch.Tensor], validate: Callable[[], dict[str, float]],
         advance: Callable[[int], None] = lambda n: None, log: Callable[[dict, int], None] = lambda m, s: None,
-        setup: Setup = SINGLE) -> FitResult:
-    """Train `model`. `step_loss(rows, epoch)` is the loss of this rank's rows of a step's batch, computed through
+        setup: Setup = SINGLE, rows: int = 0) -> FitResult:
+    """Train `model` on n_train rows, an epoch covering at least `rows` of them (`epoch_rows`).
+    `step_loss(rows, epoch)` is the loss of this rank's rows of a step's batch, computed through
     the module `setup.wrap` returned; `validate()` gives {"loss", "score"} of `model` itself on val (called on
     rank 0 only). Metrics are logged with the epoch as the step."""
     ctx = setup.ctx
@@ -107,7 +116,7 @@ def fit(model: nn.Module, n_train: int, recipe: Recipe, seed: int,
     for epoch in range(1, recipe.epochs + 1):
         model.train()
         total, seen = 0.0, 0
-        for idx in epoch_batches(n_train, recipe.batch_size, order, ctx.world):  # the same on every rank
+        for idx in epoch_batches(n_train, recipe.batch_size, order, ctx.world, rows):  # the same on every rank
             mine = idx[ctx.rank::ctx.world]
             with runtime.autocast(setup.dev, setup.precision):
                 loss = step_loss(mine, epoch)

@@ -57,8 +57,9 @@ def views(train: LabelledSplit, cfg: Finetune, seed: int) -> list[LabelledSplit]
 
 
 def fit(net: SegmentationNet, inputs: features.Inputs, rows: torch.Tensor, spec: TaskSpec, cfg: Finetune,
-        seed: int, advance, log, setup: loop.Setup = loop.SINGLE) -> loop.FitResult:
-    """Train on the rows `rows` of the train split. `inputs.val` is needed on rank 0 only."""
+        seed: int, advance, log, setup: loop.Setup = loop.SINGLE, epoch_rows: int = 0) -> loop.FitResult:
+    """Train on the rows `rows` of the train split, an epoch covering at least `epoch_rows` (loop.epoch_rows).
+    `inputs.val` is needed on rank 0 only."""
     seg = cfg.segmentation
     loss_fn = SegmentationLoss(seg.focal_weight, seg.focal_gamma)
     trained = setup.wrap(features.Head(net, encodes=inputs.maps is None))
@@ -88,7 +89,7 @@ def fit(net: SegmentationNet, inputs: features.Inputs, rows: torch.Tensor, spec:
         return {"loss": loss, "score": segmentation_scores(torch.sigmoid(logits), inputs.val.masks,
                                                            seg.threshold)["dice"]}
 
-    return loop.fit(net, len(rows), seg, seed, step_loss, validate, advance, log, setup)
+    return loop.fit(net, len(rows), seg, seed, step_loss, validate, advance, log, setup, epoch_rows)
 
 
 def _layout(x, setup: loop.Setup):

@@ -190,10 +190,11 @@ def _cell(params: Params, ctx, spec, family, start, cell: _Cell, data, views, ca
                                                                             if s != "train"}},
                        tags={"fraction": frac_label(frac), "fraction_sha256": chosen.sha256,
                              "train_sha256": cell.train.sha256})
-        steps = recipe.epochs * loop.steps_per_epoch(len(rows), recipe.batch_size, ctx.world)
+        epoch_rows = loop.epoch_rows(recipe, len(data["train"]))
+        steps = recipe.epochs * loop.steps_per_epoch(len(rows), recipe.batch_size, ctx.world, epoch_rows)
         advance = reporter.task(f"fine-tune {spec.name} {frac:.0%}, {start.name}, seed {seed}", steps)
         try:
-            result = family.fit(net, inputs, rows, spec, ft, seed, advance, tr.log_metrics, setup)
+            result = family.fit(net, inputs, rows, spec, ft, seed, advance, tr.log_metrics, setup, epoch_rows)
         except runtime.NonFiniteLoss as e:
             _non_finite(e, net, data["train"].subset(cell.train.ids), params, out_path, ctx)
         if not ctx.main:
@@ -215,7 +216,8 @@ def _cell(params: Params, ctx, spec, family, start, cell: _Cell, data, views, ca
             "monitor": recipe.monitor, "val_best": result.best_score, "val_loss": result.best_loss,
             "best_epoch": result.best_epoch, "epochs": result.epochs, "steps": result.steps,
             "stopped_early": result.stopped_early,
-            "recipe": {k: getattr(recipe, k) for k in ("batch_size", "epochs", "lr", "weight_decay", "patience")},
+            "recipe": {k: getattr(recipe, k) for k in ("batch_size", "epochs", "epoch_length", "lr", "weight_decay",
+                                                       "patience")},
             "features": ("cached" if inputs.cached else "per batch") if frozen else "encoder trains",
             "train_images": len(rows), "fraction_images": len(chosen.ids),
             "val_images": len(data["val"]), "test_images": len(data["test"]),
