@@ -474,7 +474,7 @@ def test_a_full_set_epoch_gives_every_fraction_the_steps_of_the_whole_train_spli
             return model(x[idx]).pow(2).mean()
 
         return loop.fit(model, n, recipe, 0, step_loss, lambda: {"loss": 1.0, "score": 0.0},
-                        rows=loop.epoch_rows(recipe, split)).steps
+                        epoch_rows=loop.epoch_rows(recipe, split)).steps
 
     assert [steps(n, 700) for n in (7, 700, 70)] == [264, 264, 264]
     per_epoch = torch.cat(seen[:88])  # a 700-row epoch of the 70-image cell: each image 10 times, in 10 orders

@@ -100,8 +100,8 @@ def _better(value: float, best: float, monitor: str) -> bool:
 def fit(model: nn.Module, n_train: int, recipe: Recipe, seed: int,
         step_loss: Callable[[torch.Tensor, int], torch.Tensor], validate: Callable[[], dict[str, float]],
         advance: Callable[[int], None] = lambda n: None, log: Callable[[dict, int], None] = lambda m, s: None,
-        setup: Setup = SINGLE, rows: int = 0) -> FitResult:
-    """Train `model` on n_train rows, an epoch covering at least `rows` of them (`epoch_rows`).
+        setup: Setup = SINGLE, epoch_rows: int = 0) -> FitResult:
+    """Train `model` on n_train rows, an epoch covering at least `epoch_rows` of them (see `epoch_rows`).
     `step_loss(rows, epoch)` is the loss of this rank's rows of a step's batch, computed through
     the module `setup.wrap` returned; `validate()` gives {"loss", "score"} of `model` itself on val (called on
     rank 0 only). Metrics are logged with the epoch as the step."""
@@ -116,7 +116,7 @@ def fit(model: nn.Module, n_train: int, recipe: Recipe, seed: int,
     for epoch in range(1, recipe.epochs + 1):
         model.train()
         total, seen = 0.0, 0
-        for idx in epoch_batches(n_train, recipe.batch_size, order, ctx.world, rows):  # the same on every rank
+        for idx in epoch_batches(n_train, recipe.batch_size, order, ctx.world, epoch_rows):  # the same on every rank
             mine = idx[ctx.rank::ctx.world]
             with runtime.autocast(setup.dev, setup.precision):
                 loss = step_loss(mine, epoch)
